@@ -1,0 +1,1 @@
+"""LABPAL experiment runner: optimizer, models, data, configuration, training and plotting."""
