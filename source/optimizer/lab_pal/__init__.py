@@ -1,0 +1,24 @@
+"""LABPAL: the optimizer, its closure helper and its pure numerical pieces."""
+
+from .batch_schedule import (
+    PAPER_BATCH_SIZE_SCHEDULE,
+    multiplier_at,
+    noise_adaptation_factor,
+    scale_batch_size_schedule,
+)
+from .closure import BatchClosure, make_batch_closure
+from .lab_pal import LabPal, LabPalSummary
+from .parabola import Parabola, fit_parabola
+
+__all__ = [
+    "PAPER_BATCH_SIZE_SCHEDULE",
+    "BatchClosure",
+    "LabPal",
+    "LabPalSummary",
+    "Parabola",
+    "fit_parabola",
+    "make_batch_closure",
+    "multiplier_at",
+    "noise_adaptation_factor",
+    "scale_batch_size_schedule",
+]

@@ -1,0 +1,88 @@
+"""Closures that evaluate the loss of one fixed batch, as LABPAL's ``step`` expects."""
+
+from collections.abc import Callable
+
+import torch
+
+
+class BatchClosure:
+    """The loss of one bound batch, forward only, repeatable.
+
+    Calling it evaluates ``loss_function(model(inputs), targets)`` at the model's
+    current parameters and returns the loss tensor; it never calls ``backward``.
+    The batch is bound when the closure is built and moved to ``device`` only while
+    it is evaluated, so a stored closure costs the memory of its batch where the
+    caller produced it. The first call records the random-number state (CPU, and
+    CUDA when available) and every later call replays it, so dropout masks and any
+    other randomness in the forward pass are the same each time; only the first
+    call advances the global generators, as an ordinary forward pass would.
+    ``outputs`` holds the detached model output of that first (training) call, so a
+    trainer gets training accuracy without another forward pass.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss_function: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        device: torch.device | str | None = None,
+    ):
+        self.model = model
+        self.loss_function = loss_function
+        self.inputs = inputs
+        self.targets = targets
+        self.device = torch.device(device) if device is not None else None
+        self.outputs: torch.Tensor | None = None
+        self._cpu_rng_state: torch.Tensor | None = None
+        self._cuda_rng_state: torch.Tensor | None = None
+
+    def __call__(self) -> torch.Tensor:
+        if self._cpu_rng_state is None:
+            self._cpu_rng_state = torch.get_rng_state()
+            if self._uses_cuda:
+                self._cuda_rng_state = torch.cuda.get_rng_state(self.device)
+            loss, outputs = self._evaluate()
+            self.outputs = outputs.detach()
+            return loss
+        saved_cpu_state = torch.get_rng_state()
+        saved_cuda_state = torch.cuda.get_rng_state(self.device) if self._uses_cuda else None
+        try:
+            torch.set_rng_state(self._cpu_rng_state)
+            if saved_cuda_state is not None:
+                torch.cuda.set_rng_state(self._cuda_rng_state, self.device)
+            loss, _ = self._evaluate()
+        finally:
+            torch.set_rng_state(saved_cpu_state)
+            if saved_cuda_state is not None:
+                torch.cuda.set_rng_state(saved_cuda_state, self.device)
+        return loss
+
+    @property
+    def _uses_cuda(self) -> bool:
+        return self.device is not None and self.device.type == "cuda" and torch.cuda.is_available()
+
+    def _evaluate(self) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, targets = self.inputs, self.targets
+        if self.device is not None:
+            inputs = inputs.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+        outputs = self.model(inputs)
+        return self.loss_function(outputs, targets), outputs
+
+
+def make_batch_closure(
+    model: torch.nn.Module,
+    loss_function: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    device: torch.device | str | None = None,
+) -> BatchClosure:
+    """Build the closure for ``LabPal.step`` from one batch.
+
+    Build a new closure for every batch: it binds ``inputs`` and ``targets`` now.
+    A hand-written ``def closure(): return loss_fn(model(x), y)`` inside a training
+    loop reads ``x`` and ``y`` when it is called, and LABPAL calls stored closures
+    again several steps later, by when the loop variables hold a newer batch.
+    """
+    return BatchClosure(model, loss_function, inputs, targets, device)

@@ -1,0 +1,610 @@
+"""LABPAL's numerical pieces and optimizer, pinned against known answers."""
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from source.optimizer.lab_pal import (
+    PAPER_BATCH_SIZE_SCHEDULE,
+    LabPal,
+    fit_parabola,
+    make_batch_closure,
+    multiplier_at,
+    noise_adaptation_factor,
+    scale_batch_size_schedule,
+)
+
+# --------------------------------------------------------------------------- pure helpers
+
+
+@pytest.mark.parametrize("positions", [(0.0, 1.77e-4, 0.01), (-1.0, 0.5, 3.0), (2.0, 0.0, 1.0)])
+def test_parabola_fit_is_exact_for_a_parabola(positions):
+    curvature, slope, offset = 3.0, -1.5, 0.25
+
+    def parabola(x):
+        return curvature / 2 * x * x + slope * x + offset
+
+    fitted = fit_parabola(positions, tuple(parabola(x) for x in positions))
+    assert fitted.curvature == pytest.approx(curvature, rel=1e-6)
+    assert fitted.slope == pytest.approx(slope, rel=1e-9)
+    assert fitted.offset == pytest.approx(offset, rel=1e-12)
+    assert fitted.minimum_position == pytest.approx(0.5, rel=1e-6)
+
+
+def test_parabola_fit_needs_three_distinct_positions():
+    with pytest.raises(ValueError, match="three distinct positions"):
+        fit_parabola((0.0, 0.1, 0.1), (1.0, 2.0, 3.0))
+
+
+def test_noise_factor_and_scaled_schedule_match_the_paper_examples():
+    assert noise_adaptation_factor(40_000, 128) == 1.0
+    assert scale_batch_size_schedule(PAPER_BATCH_SIZE_SCHEDULE, 1.0) == ((0, 1), (75_000, 2), (112_500, 4))
+    small_batches = scale_batch_size_schedule(PAPER_BATCH_SIZE_SCHEDULE, noise_adaptation_factor(40_000, 12))
+    assert small_batches[0] == (0, 10)
+    imagenet = scale_batch_size_schedule(PAPER_BATCH_SIZE_SCHEDULE, noise_adaptation_factor(1_281_167, 128))
+    assert imagenet == ((0, 32), (75_000, 64), (112_500, 128))
+    assert scale_batch_size_schedule(((0, 1),), 0.3) == ((0, 1),)
+
+
+def test_multiplier_at_follows_the_schedule():
+    schedule = ((0, 1), (75_000, 2), (112_500, 4))
+    assert [multiplier_at(schedule, s) for s in (0, 74_999, 75_000, 112_499, 200_000)] == [1, 1, 2, 2, 4]
+
+
+# --------------------------------------------------------------------------- problems
+
+
+def quadratic_problem(dimension=6, seed=0):
+    """f(θ) = ½ θᵀAθ − bᵀθ with A positive definite, in float64."""
+    generator = torch.Generator().manual_seed(seed)
+    m = torch.randn(dimension, dimension, generator=generator, dtype=torch.float64)
+    a = m @ m.T / dimension + 0.5 * torch.eye(dimension, dtype=torch.float64)
+    b = torch.randn(dimension, generator=generator, dtype=torch.float64)
+    theta = nn.Parameter(torch.randn(dimension, generator=generator, dtype=torch.float64))
+
+    def loss():
+        return 0.5 * theta @ a @ theta - b @ theta
+
+    return theta, a, b, loss
+
+
+def exact_line_minimum(theta, a, b, direction):
+    """θ − t d with t minimising the quadratic along −d."""
+    gradient = a @ theta - b
+    t = (gradient @ direction) / (direction @ a @ direction)
+    return theta - t * direction
+
+
+def run(optimizer, closure, steps):
+    for _ in range(steps):
+        optimizer.step(closure)
+
+
+def few_updates(**overrides):
+    """Arguments for a LabPal that measures often, for short tests."""
+    arguments = dict(untrustworthy_updates=0, measurement_interval=3, approximation_batches=2)
+    arguments.update(overrides)
+    return arguments
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+@pytest.mark.parametrize("mode", ["NSGD", "SGD"])
+def test_one_measurement_lands_on_the_exact_line_minimum(mode):
+    theta, a, b, loss = quadratic_problem()
+    start = theta.detach().clone()
+    expected = exact_line_minimum(start, a, b, a @ start - b)
+    optimizer = LabPal([theta], mode, step_adaptation=1.0, max_step=1e6)
+    run(optimizer, loss, 10)  # the measurement takes approximation_batches = 10 steps
+    summary = optimizer.summary
+    assert summary.measurements == 1 and summary.updates == 1 and summary.phase == "training"
+    relative_error = (theta.detach() - expected).norm() / (expected - start).norm()
+    assert relative_error < 1e-3
+
+
+def test_research_code_setting_reproduces_its_doubled_step():
+    theta, a, b, loss = quadratic_problem(seed=1)
+    start = theta.detach().clone()
+    minimum = exact_line_minimum(start, a, b, a @ start - b)
+    optimizer = LabPal([theta], step_adaptation=3.6, max_step=0.5)
+    run(optimizer, loss, 10)
+    exact_step = (minimum - start).norm().item()
+    expected_step = min(2 * exact_step, 1.0) * 1.8
+    assert optimizer.summary.last_measured_step == pytest.approx(expected_step, rel=1e-3)
+
+
+def test_learning_rate_is_step_over_direction_norm_and_visible_in_param_groups():
+    theta, a, b, loss = quadratic_problem(seed=2)
+    norm = (a @ theta.detach() - b).norm().item()
+    optimizer = LabPal([theta], step_adaptation=1.0, max_step=1e6)
+    assert optimizer.step(loss).item() == pytest.approx(loss().item())
+    run(optimizer, loss, 9)
+    summary = optimizer.summary
+    assert summary.last_measured_learning_rate == pytest.approx(summary.last_measured_step / norm, rel=1e-9)
+    assert float(optimizer.param_groups[0]["lr"]) == pytest.approx(summary.last_measured_learning_rate)
+
+
+def test_step_is_clipped_adapted_and_floored():
+    theta, a, b, loss = quadratic_problem(seed=3)
+    optimizer = LabPal([theta], step_adaptation=1.8, max_step=1e-3)
+    run(optimizer, loss, 10)
+    assert optimizer.summary.last_measured_step == pytest.approx(1.8e-3)
+
+
+# --------------------------------------------------------------------------- iterative batches
+
+
+class LinearRegression(nn.Module):
+    def __init__(self, features=4):
+        super().__init__()
+        self.linear = nn.Linear(features, 1, dtype=torch.float64)
+
+    def forward(self, inputs):
+        return self.linear(inputs).squeeze(-1)
+
+
+def regression_batches(count, size, features=4, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    weights = torch.randn(features, generator=generator, dtype=torch.float64)
+    batches = []
+    for _ in range(count):
+        inputs = torch.randn(size, features, generator=generator, dtype=torch.float64)
+        targets = inputs @ weights + 0.1 * torch.randn(size, generator=generator, dtype=torch.float64)
+        batches.append((inputs, targets))
+    return batches
+
+
+def test_k_accumulated_batches_give_the_direction_of_one_big_batch():
+    k, size = 4, 8
+    model = LinearRegression()
+    loss_function = nn.MSELoss()
+    measurement = regression_batches(2 * k, size, seed=1)
+    training = regression_batches(k, size, seed=2)
+    optimizer = LabPal(model.parameters(), **few_updates(batch_size_schedule=((0, k),)))
+    for inputs, targets in measurement:
+        optimizer.step(make_batch_closure(model, loss_function, inputs, targets))
+    step_size = optimizer.summary.step_size
+
+    reference = copy.deepcopy(model)
+    big_inputs = torch.cat([inputs for inputs, _ in training])
+    big_targets = torch.cat([targets for _, targets in training])
+    loss_function(reference(big_inputs), big_targets).backward()
+    gradient = [p.grad for p in reference.parameters()]
+    norm = torch.sqrt(sum((g * g).sum() for g in gradient))
+    expected = [p.detach() - step_size * g / norm for p, g in zip(reference.parameters(), gradient)]
+
+    for inputs, targets in training:
+        optimizer.step(make_batch_closure(model, loss_function, inputs, targets))
+    assert optimizer.summary.updates == 2
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-5, atol=1e-5)
+
+
+def test_measurement_over_k_batch_closures_finds_the_mean_loss_minimum_and_late_binding_does_not():
+    """Stored closures must keep their own batch: LABPAL evaluates them again k steps later."""
+    k, size = 3, 16
+    batches = regression_batches(10 * k, size, seed=3)
+    loss_function = nn.MSELoss()
+    arguments = dict(step_adaptation=1.0, max_step=1e6, batch_size_schedule=((0, k),))
+
+    def measured_step(bind_batch):
+        torch.manual_seed(0)
+        model = LinearRegression()
+        optimizer = LabPal(model.parameters(), **arguments)
+        for inputs, targets in batches:
+            if bind_batch:
+                closure = make_batch_closure(model, loss_function, inputs, targets)
+            else:
+
+                def closure():  # reads the loop variables when called: the newest batch
+                    return loss_function(model(inputs), targets)
+
+            optimizer.step(closure)
+        return optimizer.summary.last_measured_step
+
+    # The exact answer: the mean loss over all 10·k batches is a quadratic along the line.
+    torch.manual_seed(0)
+    model = LinearRegression()
+    parameters = list(model.parameters())
+    direction_loss = sum(loss_function(model(x), y) for x, y in batches[:k]) / k
+    direction = torch.autograd.grad(direction_loss, parameters)
+    unit = [d / torch.sqrt(sum((g * g).sum() for g in direction)) for d in direction]
+    inputs = torch.cat([x for x, _ in batches])
+    targets = torch.cat([y for _, y in batches])
+
+    def mean_loss_at(position):
+        with torch.no_grad():
+            weight = parameters[0] - position * unit[0]
+            bias = parameters[1] - position * unit[1]
+            return loss_function((inputs @ weight.T).squeeze(-1) + bias, targets).item()
+
+    parabola = fit_parabola((0.0, 0.5, 1.0), tuple(mean_loss_at(x) for x in (0.0, 0.5, 1.0)))
+    bound_step = measured_step(bind_batch=True)
+    late_bound_step = measured_step(bind_batch=False)
+    assert bound_step == pytest.approx(parabola.minimum_position, rel=1e-3)
+    assert abs(late_bound_step - parabola.minimum_position) > 0.05 * parabola.minimum_position
+
+
+# --------------------------------------------------------------------------- schedule
+
+
+def test_batch_size_switch_inside_a_training_batch_waits_for_the_next_boundary():
+    theta, _, _, loss = quadratic_problem(seed=4)
+    optimizer = LabPal(
+        [theta], **few_updates(measurement_interval=100, batch_size_schedule=((0, 2), (25, 4)))
+    )
+    run(optimizer, loss, 26)  # measurement: steps 0-3, training batches 4-5, ..., 24-25
+    assert optimizer.summary.batch_multiplier == 2
+    assert optimizer.summary.phase == "training" and optimizer.summary.updates == 12
+    run(optimizer, loss, 1)  # step 26 is the first boundary at or after step 25
+    assert optimizer.summary.batch_multiplier == 4
+    assert optimizer.summary.phase == "measuring"
+    run(optimizer, loss, 7)  # 2·k = 8 batches for the new measurement
+    assert optimizer.summary.measurements == 2 and optimizer.summary.phase == "training"
+
+
+def test_noise_factor_scales_the_schedule_used_by_the_optimizer():
+    theta, _, _, _ = quadratic_problem()
+    optimizer = LabPal([theta], training_set_size=40_000, inference_batch_size=12)
+    assert optimizer.scaled_batch_size_schedule == ((0, 10), (75_000, 21), (112_500, 42))
+
+
+def test_measurements_happen_at_start_after_untrustworthy_updates_and_every_interval():
+    theta, _, _, loss = quadratic_problem(seed=5)
+    optimizer = LabPal([theta], untrustworthy_updates=5, measurement_interval=8, approximation_batches=2)
+    measured_at = []
+    for _ in range(60):
+        before = optimizer.summary.measurements
+        updates = optimizer.summary.updates
+        optimizer.step(loss)
+        if optimizer.summary.measurements > before:
+            measured_at.append(updates)
+    assert measured_at[:4] == [0, 5, 14, 23]
+
+
+def test_measurements_after_untrustworthy_updates_are_averaged():
+    theta, _, _, loss = quadratic_problem(seed=6)
+    optimizer = LabPal(
+        [theta], untrustworthy_updates=1, measurement_interval=2, approximation_batches=1, averaging_window=2
+    )
+    raw = []
+    for _ in range(12):
+        before = optimizer.summary.measurements
+        optimizer.step(loss)
+        if optimizer.summary.measurements > before:
+            raw.append(optimizer.summary.last_measured_step)
+            summary = optimizer.summary
+            if len(raw) == 1:
+                assert summary.step_size == raw[0]
+            else:
+                assert summary.step_size == pytest.approx(sum(raw[1:][-2:]) / len(raw[1:][-2:]))
+    assert len(raw) >= 4
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def test_concave_line_fails_keeps_the_previous_value_and_the_parameters():
+    theta, _, _, loss = quadratic_problem(seed=7)
+    optimizer = LabPal([theta], **few_updates())
+    run(optimizer, loss, 2)
+    previous = optimizer.summary
+    run(optimizer, loss, 3)  # three training updates; the next step starts a measurement
+    before = theta.detach().clone()
+
+    def concave():
+        return -(theta * theta).sum() + theta.sum()
+
+    run(optimizer, concave, 2)
+    summary = optimizer.summary
+    assert summary.failed_measurements == 1 and "not convex" in summary.last_failure
+    assert summary.step_size == previous.step_size and summary.measurements == 1
+    assert torch.equal(theta.detach(), before)
+    assert summary.phase == "training"
+
+
+def test_loss_increasing_along_the_line_fails():
+    theta, _, _, loss = quadratic_problem(seed=8)
+    optimizer = LabPal([theta], **few_updates())
+    run(optimizer, loss, 5)
+    origin = theta.detach().clone()
+    weights = torch.linspace(1.0, 2.0, theta.numel(), dtype=torch.float64)
+
+    def kinked():  # gradient −weights at the origin, but the loss rises steeply along the line
+        offset = theta - origin
+        return weights @ theta + 100 * torch.sqrt((offset * offset).sum() + 1e-30) + (offset * offset).sum()
+
+    run(optimizer, kinked, 2)
+    summary = optimizer.summary
+    assert summary.failed_measurements == 1 and "does not decrease" in summary.last_failure
+    assert torch.equal(theta.detach(), origin)
+
+
+def test_nan_loss_during_a_measurement_fails_it_cleanly():
+    theta, _, _, loss = quadratic_problem(seed=9)
+    optimizer = LabPal([theta], **few_updates())
+    run(optimizer, loss, 5)
+    before, previous_step = theta.detach().clone(), optimizer.summary.step_size
+    calls = []
+
+    def nan_on_second_batch():
+        calls.append(1)
+        return loss() * (float("nan") if len(calls) > 3 else 1.0)
+
+    run(optimizer, nan_on_second_batch, 2)
+    summary = optimizer.summary
+    assert summary.failed_measurements == 1 and "non-finite" in summary.last_failure
+    assert summary.step_size == previous_step
+    assert torch.equal(theta.detach(), before)
+
+
+@pytest.mark.parametrize("scale, reason", [(1e-5, "outside"), (1e5, "outside"), (float("inf"), "direction norm")])
+def test_tiny_huge_or_infinite_direction_norm_fails_the_first_measurement_and_measures_again(scale, reason):
+    theta, _, _, loss = quadratic_problem(seed=10)
+    before = theta.detach().clone()
+    optimizer = LabPal([theta], **few_updates())
+
+    def scaled():
+        return loss() * scale
+
+    run(optimizer, scaled, 3)
+    summary = optimizer.summary
+    assert summary.failed_measurements == 3 and reason in summary.last_failure
+    assert summary.measurements == 0 and summary.step_size is None and summary.phase == "measuring"
+    assert torch.equal(theta.detach(), before)
+    run(optimizer, loss, 2)  # a good line afterwards is measured as usual
+    assert optimizer.summary.measurements == 1 and optimizer.summary.phase == "training"
+
+
+def test_non_finite_loss_during_training_skips_the_update():
+    theta, _, _, loss = quadratic_problem(seed=11)
+    optimizer = LabPal([theta], **few_updates())
+    run(optimizer, loss, 3)
+    before = theta.detach().clone()
+
+    def infinite():
+        return loss() * float("inf")
+
+    optimizer.step(infinite)
+    assert torch.equal(theta.detach(), before)
+    assert optimizer.summary.skipped_updates == 1 and optimizer.summary.updates == 3
+    assert math.isfinite(optimizer.summary.learning_rate)
+    optimizer.step(loss)
+    assert torch.isfinite(theta).all() and not torch.equal(theta.detach(), before)
+    assert optimizer.summary.skipped_updates == 1
+
+
+# --------------------------------------------------------------------------- side effects
+
+
+class SmallBatchNormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.2), nn.AdaptiveAvgPool2d(2)
+        )
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, inputs):
+        return self.head(self.features(inputs).flatten(1))
+
+
+def image_batches(count, size=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(size, 1, 6, 6, generator=generator), torch.randint(0, 3, (size,), generator=generator))
+        for _ in range(count)
+    ]
+
+
+def test_measurement_leaves_buffers_as_if_only_the_training_passes_ran():
+    torch.manual_seed(0)
+    model = SmallBatchNormNet()
+    reference = copy.deepcopy(model)
+    loss_function = nn.CrossEntropyLoss()
+    batches = image_batches(10)
+    optimizer = LabPal(model.parameters(), buffers=model.buffers())
+    origin = [p.detach().clone() for p in model.parameters()]
+
+    torch.manual_seed(1)
+    for inputs, targets in batches:
+        optimizer.step(make_batch_closure(model, loss_function, inputs, targets))
+    torch.manual_seed(1)
+    first_loss = loss_function(reference(batches[0][0]), batches[0][1])
+    direction = torch.autograd.grad(first_loss, list(reference.parameters()))
+    with torch.no_grad():
+        for inputs, _ in batches[1:]:
+            reference(inputs)
+
+    for buffer, expected in zip(model.buffers(), reference.buffers()):
+        assert torch.equal(buffer, expected)
+    summary = optimizer.summary
+    assert summary.measurements == 1
+    direction_norm = summary.last_measured_step / summary.last_measured_learning_rate
+    for p, p0, d in zip(model.parameters(), origin, direction):
+        assert torch.equal(p.detach(), p0.add(d, alpha=-summary.last_measured_step / direction_norm))
+
+
+def test_batch_closure_replays_its_randomness_and_keeps_its_batch():
+    torch.manual_seed(0)
+    model = SmallBatchNormNet()
+    model.eval()
+    model.features[3].train()  # dropout active, BatchNorm fixed: only randomness changes the loss
+    inputs, targets = image_batches(1)[0]
+    closure = make_batch_closure(model, nn.CrossEntropyLoss(), inputs, targets, device="cpu")
+    first = closure()
+    state_after_first = torch.get_rng_state()
+    assert torch.equal(closure(), first) and torch.equal(closure(), first)
+    assert torch.equal(torch.get_rng_state(), state_after_first)
+    assert closure.outputs.shape == (8, 3) and not closure.outputs.requires_grad
+    fresh = make_batch_closure(model, nn.CrossEntropyLoss(), inputs, targets)
+    assert not torch.equal(fresh(), first)  # a new closure draws new dropout masks
+
+
+# --------------------------------------------------------------------------- state
+
+
+def train_steps(model, optimizer, batches):
+    loss_function = nn.CrossEntropyLoss()
+    for inputs, targets in batches:
+        optimizer.step(make_batch_closure(model, loss_function, inputs, targets))
+
+
+@pytest.mark.parametrize("mode, momentum", [("NSGD", 0.0), ("SGD", 0.9)])
+@pytest.mark.parametrize("split", [13, 19, 30, 33])  # training, measuring, measuring with k = 2, k = 2 training
+def test_resuming_from_state_dict_continues_bitwise(mode, momentum, split):
+    batches = image_batches(48, seed=3)
+    arguments = dict(
+        mode=mode, momentum=momentum, untrustworthy_updates=4, measurement_interval=6,
+        approximation_batches=3, averaging_window=3, batch_size_schedule=((0, 1), (26, 2)),
+    )
+    torch.manual_seed(0)
+    model = SmallBatchNormNet()
+    resumed_model = copy.deepcopy(model)
+    uninterrupted = LabPal(model.parameters(), buffers=model.buffers(), **arguments)
+    torch.manual_seed(5)
+    train_steps(model, uninterrupted, batches)
+
+    torch.manual_seed(0)
+    optimizer = LabPal(resumed_model.parameters(), buffers=resumed_model.buffers(), **arguments)
+    torch.manual_seed(5)
+    train_steps(resumed_model, optimizer, batches[:split])
+    saved = io.BytesIO()
+    torch.save({"model": resumed_model.state_dict(), "optimizer": optimizer.state_dict(),
+                "rng": torch.get_rng_state()}, saved)
+    saved.seek(0)
+    checkpoint = torch.load(saved, weights_only=False)
+    fresh_model = SmallBatchNormNet()
+    fresh_model.load_state_dict(checkpoint["model"])
+    fresh = LabPal(fresh_model.parameters(), buffers=fresh_model.buffers(), **arguments)
+    fresh.load_state_dict(checkpoint["optimizer"])
+    torch.set_rng_state(checkpoint["rng"])
+    train_steps(fresh_model, fresh, batches[split:])
+
+    assert fresh.summary == uninterrupted.summary
+    for expected, actual in zip(model.state_dict().values(), fresh_model.state_dict().values()):
+        assert torch.equal(expected, actual)
+
+
+def test_state_dict_round_trip_keeps_counters_history_and_phase():
+    theta, _, _, loss = quadratic_problem(seed=12)
+    optimizer = LabPal([theta], **few_updates(averaging_window=4))
+    run(optimizer, loss, 17)
+    state = optimizer.state_dict()
+    other = LabPal([nn.Parameter(theta.detach().clone())], **few_updates(averaging_window=4))
+    other.load_state_dict(state)
+    assert other.summary == optimizer.summary
+    assert other.state_dict()["lab_pal"]["step_size_history"] == state["lab_pal"]["step_size_history"]
+
+
+# --------------------------------------------------------------------------- momentum, modes, precision
+
+
+@pytest.mark.parametrize("mode", ["NSGD", "SGD"])
+def test_momentum_training_update_follows_the_buffer(mode):
+    theta, a, b, loss = quadratic_problem(seed=13)
+    momentum = 0.9
+    optimizer = LabPal([theta], mode, momentum=momentum, **few_updates(measurement_interval=10))
+    run(optimizer, loss, 2)  # measurement: buffer = first gradient
+    buffer = optimizer.state[theta]["momentum_buffer"].clone()
+    summary = optimizer.summary
+    for _ in range(3):
+        gradient = a @ theta.detach() - b
+        buffer = momentum * buffer + gradient
+        if mode == "NSGD":
+            expected = theta.detach() - summary.step_size * buffer / buffer.norm()
+        else:
+            expected = theta.detach() - summary.learning_rate * buffer
+        optimizer.step(loss)
+        torch.testing.assert_close(theta.detach(), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_nsgd_learning_rate_tracks_the_direction_norm_every_update():
+    theta, a, b, loss = quadratic_problem(seed=14)
+    optimizer = LabPal([theta], **few_updates(measurement_interval=10))
+    run(optimizer, loss, 2)
+    gradient_norm = (a @ theta.detach() - b).norm().item()
+    optimizer.step(loss)
+    assert float(optimizer.param_groups[0]["lr"]) == pytest.approx(optimizer.summary.step_size / gradient_norm)
+
+
+def test_measurement_under_bfloat16_autocast_matches_full_precision():
+    batches = regression_batches(10, 32, seed=4)
+
+    def measured(autocast):
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1), nn.Flatten(0))
+        torch.manual_seed(0)
+        for p in model.parameters():
+            nn.init.normal_(p, std=0.5)
+        optimizer = LabPal(model.parameters())
+        for inputs, targets in batches:
+            closure = make_batch_closure(model, nn.MSELoss(), inputs.float(), targets.float())
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                optimizer.step(closure)
+        return optimizer.summary.last_measured_step
+
+    assert measured(autocast=True) == pytest.approx(measured(autocast=False), rel=1e-6)
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+@pytest.mark.parametrize(
+    "argument, value",
+    [
+        ("mode", "ADAM"),
+        ("step_adaptation", 0.0),
+        ("max_step", -1.0),
+        ("min_step", 0.0),
+        ("momentum", 1.0),
+        ("measurement_interval", 0),
+        ("approximation_batches", 2.5),
+        ("untrustworthy_updates", -1),
+        ("averaging_window", 0),
+        ("sample_step", 0.0),
+        ("derivative_step", 0.1),
+        ("min_direction_norm", -1.0),
+        ("max_direction_norm", 0.0),
+        ("batch_size_schedule", ((5, 1),)),
+        ("batch_size_schedule", ((0, 0),)),
+        ("training_set_size", 0),
+        ("inference_batch_size", 0),
+    ],
+)
+def test_invalid_arguments_name_the_argument_and_value(argument, value):
+    theta, _, _, _ = quadratic_problem()
+    with pytest.raises(ValueError) as error:
+        LabPal([theta], **{argument: value})
+    assert argument in str(error.value) and repr(value) in str(error.value)
+
+
+def test_several_parameter_groups_are_rejected():
+    first, second = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match="exactly one parameter group"):
+        LabPal([{"params": [first]}, {"params": [second]}])
+    optimizer = LabPal([first])
+    with pytest.raises(ValueError, match="exactly one parameter group"):
+        optimizer.add_param_group({"params": [second]})
+
+
+def test_summary_is_logged_to_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    theta, _, _, loss = quadratic_problem(seed=15)
+    optimizer = LabPal([theta], **few_updates())
+    run(optimizer, loss, 4)
+    with SummaryWriter(tmp_path) as writer:
+        optimizer.log_summary(writer, 4)
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    for tag in ("lab_pal/measured_step", "lab_pal/training_batch_size", "lab_pal/failed_measurements"):
+        assert tag in tags
+    assert events.Scalars("lab_pal/measured_step")[0].value == pytest.approx(optimizer.summary.last_measured_step)
+    assert math.isclose(events.Scalars("lab_pal/training_batch_size")[0].value, 128)
