@@ -1,0 +1,101 @@
+"""ImageNet and any other image-per-file data set in class folders (torchvision ImageFolder).
+
+Layout under ``root``:
+
+- imagenet:     root/train/<class>/*.JPEG and root/val/<class>/*.JPEG (ILSVRC2012's
+                validation images sorted into class folders; they are the test split)
+- image_folder: root/train/<class>/* and root/val/<class>/*, or root/test/<class>/*
+                when there is no val/ (val/ wins when both exist)
+
+Class indices follow the sorted class-folder names; the evaluation folder must
+hold the same classes as train/. Images are read from disk per item, so training
+and validation share one file list. Nothing is downloaded: ``download`` is ignored.
+
+The shared CIFAR-10 JPEG archive trains like CIFAR-10 with
+``image_folder, image_size=32, normalization="cifar10"``: 32 pixels selects the
+small-image pipeline (random crop with padding 4, horizontal flip), see transforms.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torchvision.datasets import ImageFolder
+
+from source.data.splits import DataSplits, class_index, image_classification_splits
+from source.data.transforms import dataset_image_pipelines
+from source.errors import UserError
+
+__all__ = ["build_imagenet", "build_image_folder"]
+
+_TRAINING_FOLDER = "train"
+
+
+def build_imagenet(root: Path, **options) -> DataSplits:
+    """ImageNet (ILSVRC2012) from root/train and root/val; options as in build_datasets."""
+    return _build_from_folders(
+        "imagenet",
+        root,
+        evaluation_folders=("val",),
+        layout=f"{root}/train/<class>/*.JPEG and {root}/val/<class>/*.JPEG (ImageNet cannot be downloaded "
+        f"automatically: sort the validation images into class folders)",
+        **options,
+    )
+
+
+def build_image_folder(root: Path, **options) -> DataSplits:
+    """Images in root/train/<class>/ and root/val/<class>/ (or root/test/<class>/); options as in build_datasets."""
+    return _build_from_folders(
+        "image_folder",
+        root,
+        evaluation_folders=("val", "test"),
+        layout=f"{root}/train/<class>/<image files> and {root}/val/<class>/<image files> (or test/ instead of val/)",
+        **options,
+    )
+
+
+def _build_from_folders(
+    name: str,
+    root: Path,
+    *,
+    evaluation_folders: tuple[str, ...],
+    layout: str,
+    download: bool,
+    train_size: int | None,
+    split_seed: int,
+    augment: bool,
+    crop_padding: int | None,
+    image_size: int | None,
+    normalization: str | None,
+) -> DataSplits:
+    """Splits from root/train and the first of ``evaluation_folders`` that exists."""
+    pipelines = dataset_image_pipelines(
+        name, augment=augment, crop_padding=crop_padding, image_size=image_size, normalization=normalization
+    )
+    training_folder = root / _TRAINING_FOLDER
+    evaluation_folder = next((root / folder for folder in evaluation_folders if (root / folder).is_dir()), None)
+    if not training_folder.is_dir() or evaluation_folder is None:
+        absent = training_folder if not training_folder.is_dir() else root / evaluation_folders[0]
+        raise UserError(f"{name} data not found: no folder {absent}; expected {layout}")
+    try:
+        training_base = ImageFolder(training_folder, target_transform=class_index)
+        test = ImageFolder(evaluation_folder, transform=pipelines.evaluation, target_transform=class_index)
+    except FileNotFoundError as error:
+        raise UserError(f"{name} data incomplete ({' '.join(str(error).split())}); expected {layout}") from error
+    if training_base.classes != test.classes:
+        only_training = sorted(set(training_base.classes) - set(test.classes))
+        only_evaluation = sorted(set(test.classes) - set(training_base.classes))
+        raise UserError(
+            f"{name}: {training_folder} and {evaluation_folder} must hold the same class folders "
+            f"(only in {_TRAINING_FOLDER}/: {', '.join(only_training[:5]) or 'none'}; "
+            f"only in {evaluation_folder.name}/: {', '.join(only_evaluation[:5]) or 'none'})"
+        )
+    return image_classification_splits(
+        name,
+        training_base,
+        test,
+        pipelines=pipelines,
+        num_classes=len(training_base.classes),
+        train_size=train_size,
+        split_seed=split_seed,
+    )

@@ -1,0 +1,387 @@
+"""Data set registry: loaders read files in the real formats, splits, transforms, errors."""
+
+from __future__ import annotations
+
+import shutil
+import tarfile
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision.datasets.cifar
+import torchvision.datasets.svhn
+from PIL import Image
+from sklearn.datasets import load_diabetes, load_digits
+from torch.utils.data import DataLoader
+from torchvision import transforms
+from torchvision.datasets import CIFAR10
+
+from source.data import DataSplits, available_datasets, build_datasets
+from source.data.presets import PRESETS
+from source.data.transforms import NORMALIZATION
+from source.errors import UserError
+from tests.data_files import write_cifar10, write_cifar100, write_image_folder, write_svhn
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+SHARED_CIFAR10_ARCHIVE = REPOSITORY.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+UNPACKED_CIFAR10_COPIES = (REPOSITORY / "data" / "cifar10-jpeg", REPOSITORY.parent / "shared" / "data" / "cifar10-jpeg")
+
+
+def normalised(pixels: np.ndarray, normalization: str) -> torch.Tensor:
+    """Expected model input for HWC uint8 pixels: scaled to [0, 1], then per-channel normalised."""
+    mean, std = NORMALIZATION[normalization]
+    scaled = torch.as_tensor(pixels, dtype=torch.float32).permute(2, 0, 1) / 255
+    return (scaled - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
+def image_id(item: torch.Tensor, normalization: str) -> int:
+    """The id the test files store in the red value of pixel (0, 0), read back from a normalised input."""
+    mean, std = NORMALIZATION[normalization]
+    return round((float(item[0, 0, 0]) * std[0] + mean[0]) * 255)
+
+
+def ids_and_labels(dataset, normalization: str) -> list[tuple[int, int]]:
+    return [(image_id(item, normalization), int(label)) for item, label in dataset]
+
+
+def varies_between_calls(dataset, index: int, calls: int = 8) -> bool:
+    first = dataset[index][0]
+    return any(not torch.equal(first, dataset[index][0]) for _ in range(calls - 1))
+
+
+# --- registry ----------------------------------------------------------------------------------
+
+
+def test_available_datasets_are_the_interface_names_and_all_have_presets():
+    expected = ["cifar10", "cifar100", "diabetes", "digits", "image_folder", "imagenet", "svhn"]
+    assert available_datasets() == expected
+    assert sorted(PRESETS) == expected
+
+
+def test_unknown_name_suggests_the_closest_and_lists_all(tmp_path):
+    with pytest.raises(UserError, match=r"unknown data set 'cifar_10'; did you mean 'cifar10'\?.*svhn"):
+        build_datasets("cifar_10", tmp_path)
+
+
+# --- digits and diabetes -----------------------------------------------------------------------
+
+
+def test_digits_splits_sizes_shapes_and_known_pixel():
+    splits = build_datasets("digits", "unused")
+    assert isinstance(splits, DataSplits)
+    assert (len(splits.train), len(splits.validation), len(splits.test)) == (1150, 288, 359)
+    assert (splits.num_classes, splits.input_shape, splits.task) == (10, (1, 8, 8), "classification")
+    assert splits.target_scale == 1.0
+    bundle = load_digits()
+    index = int(splits.test.indices[0])
+    item, label = splits.test[0]
+    assert item.dtype == torch.float32 and item.shape == (1, 8, 8)
+    assert label.dtype == torch.int64 and int(label) == bundle.target[index]
+    (mean,), (std,) = NORMALIZATION["digits"]
+    assert torch.allclose(item[0], torch.as_tensor((bundle.images[index] / 16 - mean) / std, dtype=torch.float32))
+    training_inputs = torch.stack([inputs for inputs, _ in splits.train])
+    assert abs(float(training_inputs.mean())) < 0.05 and abs(float(training_inputs.std()) - 1) < 0.05
+
+
+def test_digits_test_split_is_fixed_stratified_and_disjoint_from_training():
+    first, second = build_datasets("digits", "unused", split_seed=0), build_datasets("digits", "unused", split_seed=1)
+    assert torch.equal(first.test.indices, second.test.indices)
+    assert not torch.equal(first.validation.indices, second.validation.indices)
+    test, train, validation = (set(split.indices.tolist()) for split in (first.test, first.train, first.validation))
+    assert not (test & train) and not (test & validation) and not (train & validation)
+    assert len(test | train | validation) == 1797
+    labels = load_digits().target
+    per_class = np.bincount(labels[first.test.indices.numpy()], minlength=10) / np.bincount(labels)
+    assert np.all(np.abs(per_class - 0.2) < 0.01)
+
+
+def test_diabetes_targets_are_standardised_with_training_statistics():
+    splits = build_datasets("diabetes", "unused", train_size=300)
+    assert (len(splits.train), len(splits.validation), len(splits.test)) == (300, 54, 88)
+    assert (splits.num_classes, splits.input_shape, splits.task) == (1, (10,), "regression")
+    features, targets = load_diabetes(return_X_y=True, scaled=False)
+    training_targets = targets[splits.train.indices.numpy()]
+    assert splits.target_scale == pytest.approx(training_targets.std())
+    item, target = splits.test[3]
+    assert item.dtype == torch.float32 and item.shape == (10,)
+    assert target.dtype == torch.float32 and target.shape == (1,)
+    raw = targets[int(splits.test.indices[3])]
+    assert float(target) * splits.target_scale + training_targets.mean() == pytest.approx(raw, rel=1e-5)
+    training_outputs = torch.cat([output for _, output in splits.train])
+    assert float(training_outputs.mean()) == pytest.approx(0, abs=1e-5)
+    assert float(training_outputs.std(unbiased=False)) == pytest.approx(1, abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name, option",
+    [("digits", {"image_size": 16}), ("digits", {"crop_padding": 2}), ("diabetes", {"normalization": "cifar10"})],
+)
+def test_image_options_on_bundled_sets_are_rejected(name, option):
+    with pytest.raises(UserError, match=f"{name} takes no {next(iter(option))}"):
+        build_datasets(name, "unused", **option)
+
+
+def test_train_size_of_whole_training_split_is_rejected():
+    with pytest.raises(UserError, match="train_size 1438 leaves no validation examples.*below 1438"):
+        build_datasets("digits", "unused", train_size=1438)
+
+
+# --- CIFAR -------------------------------------------------------------------------------------
+
+
+def test_cifar10_reads_pickled_batches_with_known_pixels_and_labels(tmp_path):
+    training, test = write_cifar10(tmp_path)
+    splits = build_datasets("cifar10", tmp_path, train_size=15)
+    assert (len(splits.train), len(splits.validation), len(splits.test)) == (15, 5, 6)
+    assert (splits.num_classes, splits.input_shape, splits.task) == (10, (3, 32, 32), "classification")
+    item, label = splits.test[2]
+    assert item.dtype == torch.float32 and item.shape == (3, 32, 32)
+    assert label.dtype == torch.int64 and int(label) == test.labels[2]
+    assert torch.allclose(item, normalised(test.images[2], "cifar10"), atol=1e-6)
+    expected = {(index, int(training.labels[index])) for index in range(20)}
+    validation = ids_and_labels(splits.validation, "cifar10")
+    unaugmented = build_datasets("cifar10", tmp_path, train_size=15, augment=False)
+    unaugmented_train = ids_and_labels(unaugmented.train, "cifar10")
+    assert set(validation) | set(unaugmented_train) == expected
+    assert not set(validation) & set(unaugmented_train)
+
+
+def test_validation_and_test_are_never_augmented_but_training_is(tmp_path):
+    write_cifar10(tmp_path)
+    torch.manual_seed(0)
+    splits = build_datasets("cifar10", tmp_path, train_size=15)
+    for index in range(5):
+        assert torch.equal(splits.validation[index][0], splits.validation[index][0])
+        assert torch.equal(splits.test[index][0], splits.test[index][0])
+    assert any(varies_between_calls(splits.train, index) for index in range(3))
+    unaugmented = build_datasets("cifar10", tmp_path, train_size=15, augment=False)
+    assert not any(varies_between_calls(unaugmented.train, index) for index in range(3))
+
+
+def test_same_split_seed_gives_same_validation_and_another_seed_another(tmp_path):
+    write_cifar10(tmp_path)
+
+    def validation_ids(seed):
+        splits = build_datasets("cifar10", tmp_path, train_size=15, split_seed=seed)
+        return sorted(ids_and_labels(splits.validation, "cifar10"))
+
+    assert validation_ids(0) == validation_ids(0)
+    assert validation_ids(0) != validation_ids(1)
+
+
+def test_cifar_preset_train_size_too_large_for_the_files_is_a_user_error(tmp_path):
+    write_cifar10(tmp_path)
+    with pytest.raises(UserError, match=r"train_size 40000 \(the cifar10 preset\).*20 training examples"):
+        build_datasets("cifar10", tmp_path)
+
+
+def test_cifar100_reads_fine_labels_and_uses_padding_8(tmp_path):
+    _, test = write_cifar100(tmp_path)
+    splits = build_datasets("cifar100", tmp_path, train_size=10, normalization="imagenet")
+    assert (len(splits.train), len(splits.validation), len(splits.test), splits.num_classes) == (10, 2, 5, 100)
+    item, label = splits.test[4]
+    assert int(label) == test.labels[4]
+    assert torch.allclose(item, normalised(test.images[4], "imagenet"), atol=1e-6)
+    crops = [step for step in splits.train.transform.transforms if isinstance(step, transforms.RandomCrop)]
+    assert [(crop.size, crop.padding) for crop in crops] == [((32, 32), 8)]
+    assert any(isinstance(step, transforms.RandomHorizontalFlip) for step in splits.train.transform.transforms)
+
+
+def test_data_loader_batches_have_the_interface_types(tmp_path):
+    write_cifar10(tmp_path)
+    splits = build_datasets("cifar10", tmp_path, train_size=15)
+    inputs, targets = next(iter(DataLoader(splits.train, batch_size=4)))
+    assert inputs.shape == (4, 3, 32, 32) and inputs.dtype == torch.float32
+    assert targets.shape == (4,) and targets.dtype == torch.int64
+
+
+def test_missing_cifar_files_name_the_files_the_folder_and_download(tmp_path):
+    write_cifar10(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
+    (tmp_path / "cifar-10-batches-py" / "batches.meta").unlink()
+    folder = tmp_path / "cifar-10-batches-py"
+    with pytest.raises(UserError) as raised:
+        build_datasets("cifar10", tmp_path, train_size=10)
+    message = str(raised.value)
+    assert message.startswith(f"CIFAR-10 files missing: put data_batch_3, batches.meta into {folder}")
+    assert "set data.download = True" in message and "\n" not in message
+    with pytest.raises(UserError, match=r"CIFAR-100 files missing: put train, test, meta into .*cifar-100-python"):
+        build_datasets("cifar100", tmp_path)
+
+
+def test_download_goes_through_torchvision_and_its_failure_is_a_user_error(tmp_path, monkeypatch):
+    requested = []
+
+    def fake_download(url, download_root, filename, md5):
+        requested.append((url, filename, md5))
+        write_cifar10(Path(download_root))
+
+    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", fake_download)
+    splits = build_datasets("cifar10", tmp_path, download=True, train_size=10)
+    assert len(splits.test) == 6
+    assert requested == [(CIFAR10.url, CIFAR10.filename, CIFAR10.tgz_md5)]
+
+    def failing_download(url, download_root, filename, md5):
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(torchvision.datasets.svhn, "download_url", failing_download)
+    with pytest.raises(UserError, match=r"downloading SVHN into .*svhn failed \(<urlopen error no route to host>\)"):
+        build_datasets("svhn", tmp_path, download=True)
+
+
+def test_corrupt_cifar_file_is_a_user_error(tmp_path):
+    write_cifar10(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_2").write_bytes(b"not a pickle")
+    with pytest.raises(UserError, match="cannot read the CIFAR-10 files in .*delete them and download them again"):
+        build_datasets("cifar10", tmp_path, train_size=10)
+
+
+# --- SVHN --------------------------------------------------------------------------------------
+
+
+def test_svhn_test_split_is_the_official_test_file_and_label_10_is_zero(tmp_path):
+    training, test = write_svhn(tmp_path / "svhn")
+    splits = build_datasets("svhn", tmp_path, train_size=9)
+    assert (len(splits.train), len(splits.validation), len(splits.test)) == (9, 3, 5)
+    assert ids_and_labels(splits.test, "svhn") == [(200 + index, int(test.labels[index])) for index in range(5)]
+    assert torch.allclose(splits.test[0][0], normalised(test.images[0], "svhn"), atol=1e-6)
+    assert int(splits.test[0][1]) == 0  # stored as 10 in the file
+    validation = set(ids_and_labels(splits.validation, "svhn"))
+    assert validation < {(index, int(training.labels[index])) for index in range(12)}
+
+
+def test_svhn_files_directly_in_root_are_accepted(tmp_path):
+    write_svhn(tmp_path)
+    assert len(build_datasets("svhn", tmp_path, train_size=10).test) == 5
+
+
+def test_missing_svhn_files_name_the_files_and_folder(tmp_path):
+    with pytest.raises(UserError) as raised:
+        build_datasets("svhn", tmp_path)
+    assert str(raised.value) == (
+        f"SVHN files missing: put train_32x32.mat, test_32x32.mat (from http://ufldl.stanford.edu/housenumbers/) "
+        f"into {tmp_path / 'svhn'}, or set data.download = True"
+    )
+
+
+# --- image folders -----------------------------------------------------------------------------
+
+
+def test_image_folder_with_test_folder_and_cifar_options_trains_like_cifar(tmp_path):
+    training = write_image_folder(tmp_path / "train", ["dog", "cat"], per_class=5, first_id=0)
+    test = write_image_folder(tmp_path / "test", ["dog", "cat"], per_class=2, first_id=100, seed=8)
+    splits = build_datasets("image_folder", tmp_path, image_size=32, normalization="cifar10")
+    assert (len(splits.train), len(splits.validation), len(splits.test)) == (9, 1, 4)  # preset: 90 % training
+    assert (splits.num_classes, splits.input_shape) == (2, (3, 32, 32))
+    expected_test = {(100 + index, int(test.labels[index])) for index in range(4)}
+    assert set(ids_and_labels(splits.test, "cifar10")) == expected_test
+    item, _ = splits.validation[0]
+    written = training.images[image_id(item, "cifar10")]
+    assert torch.allclose(item, normalised(written, "cifar10"), atol=1e-6)
+    steps = splits.train.transform.transforms
+    assert [(step.size, step.padding) for step in steps if isinstance(step, transforms.RandomCrop)] == [((32, 32), 4)]
+    assert not any(isinstance(step, transforms.RandomResizedCrop) for step in steps)
+
+
+def test_image_folder_prefers_val_and_large_images_take_the_imagenet_pipeline(tmp_path):
+    write_image_folder(tmp_path / "train", ["a", "b", "c"], per_class=2, first_id=0, suffix=".jpg")
+    write_image_folder(tmp_path / "val", ["a", "b", "c"], per_class=1, first_id=50, suffix=".jpg")
+    (tmp_path / "test").mkdir()  # ignored: val/ exists
+    splits = build_datasets("image_folder", tmp_path, train_size=4)
+    assert (len(splits.train), len(splits.validation), len(splits.test), splits.num_classes) == (4, 2, 3, 3)
+    assert splits.input_shape == (3, 224, 224)
+    assert splits.train[0][0].shape == splits.validation[0][0].shape == splits.test[0][0].shape == (3, 224, 224)
+    assert [int(label) for _, label in splits.test] == [0, 1, 2]
+    evaluation = [type(step) for step in splits.test.transform.transforms]
+    assert evaluation[:2] == [transforms.Resize, transforms.CenterCrop]
+    assert splits.test.transform.transforms[0].size == 256
+
+
+def test_imagenet_reads_train_and_val_and_crop_padding_does_not_apply_at_224(tmp_path):
+    write_image_folder(tmp_path / "train", ["n01", "n02"], per_class=3, first_id=0)
+    write_image_folder(tmp_path / "val", ["n01", "n02"], per_class=1, first_id=50)
+    splits = build_datasets("imagenet", tmp_path, train_size=5)
+    assert (len(splits.train), len(splits.validation), len(splits.test)) == (5, 1, 2)
+    with pytest.raises(UserError, match="crop_padding applies to images of at most 64 pixels"):
+        build_datasets("imagenet", tmp_path, train_size=5, crop_padding=4)
+
+
+def test_missing_image_folders_name_the_expected_layout(tmp_path):
+    with pytest.raises(UserError, match=r"imagenet data not found: no folder .*train; expected .*/val/<class>/"):
+        build_datasets("imagenet", tmp_path)
+    write_image_folder(tmp_path / "train", ["a"], per_class=2, first_id=0)
+    (tmp_path / "test").mkdir()
+    with pytest.raises(UserError, match=r"imagenet data not found: no folder .*val; expected"):
+        build_datasets("imagenet", tmp_path)  # ImageNet's test split is val/, never test/
+    with pytest.raises(UserError, match=r"image_folder data incomplete \(Couldn't find any class folder"):
+        build_datasets("image_folder", tmp_path)
+
+
+def test_image_folder_with_different_classes_in_train_and_val_is_a_user_error(tmp_path):
+    write_image_folder(tmp_path / "train", ["a", "b"], per_class=2, first_id=0)
+    write_image_folder(tmp_path / "val", ["a", "c"], per_class=1, first_id=50)
+    with pytest.raises(UserError, match=r"same class folders \(only in train/: b; only in val/: c\)"):
+        build_datasets("image_folder", tmp_path)
+
+
+# --- normalisation -----------------------------------------------------------------------------
+
+
+def test_normalization_by_name_and_its_errors(tmp_path):
+    _, test = write_cifar10(tmp_path)
+    splits = build_datasets("cifar10", tmp_path, train_size=10, normalization="svhn")
+    assert torch.allclose(splits.test[0][0], normalised(test.images[0], "svhn"), atol=1e-6)
+    with pytest.raises(UserError, match="unknown normalization 'cifar'; set data.normalization to one of: cifar10, "):
+        build_datasets("cifar10", tmp_path, train_size=10, normalization="cifar")
+    with pytest.raises(UserError, match="normalization 'digits' has 1 channel"):
+        build_datasets("cifar10", tmp_path, train_size=10, normalization="digits")
+
+
+# --- the real CIFAR-10 JPEGs -------------------------------------------------------------------
+
+
+def copy_a_few_cifar10_jpegs(destination: Path, classes: tuple[str, ...], train_per_class: int, test_per_class: int):
+    """destination/{train,test}/<class>/ with a few real images, from an unpacked copy or the archive."""
+    wanted = {"train": train_per_class, "test": test_per_class}
+    unpacked = next((folder for folder in UNPACKED_CIFAR10_COPIES if (folder / "train").is_dir()), None)
+    if unpacked is not None:
+        for split, count in wanted.items():
+            for name in classes:
+                (destination / split / name).mkdir(parents=True)
+                for path in sorted((unpacked / split / name).glob("*.jpg"))[:count]:
+                    shutil.copy(path, destination / split / name / path.name)
+        return
+    if not SHARED_CIFAR10_ARCHIVE.is_file():
+        pytest.skip(f"real CIFAR-10 JPEGs not found: neither {SHARED_CIFAR10_ARCHIVE} nor an unpacked copy")
+    remaining = {(split, name): count for split, count in wanted.items() for name in classes}
+    # Stream the archive and stop once enough files are copied; members are written
+    # by name under destination, never extracted with their archive paths.
+    with tarfile.open(SHARED_CIFAR10_ARCHIVE) as archive:
+        for member in archive:
+            parts = Path(member.name).parts  # cifar10-jpeg/<split>/<class>/<file>
+            if not member.isfile() or len(parts) != 4 or remaining.get(parts[1:3], 0) == 0:
+                continue
+            target = destination / parts[1] / parts[2] / parts[3]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(archive.extractfile(member).read())
+            remaining[parts[1:3]] -= 1
+            if not any(remaining.values()):
+                break
+
+
+def test_real_cifar10_jpegs_load_as_a_cifar_style_image_folder(tmp_path):
+    # bird and frog come first in the shared archive, which keeps the scan short.
+    copy_a_few_cifar10_jpegs(tmp_path, ("bird", "frog"), train_per_class=10, test_per_class=5)
+    splits = build_datasets("image_folder", tmp_path, image_size=32, normalization="cifar10", train_size=16)
+    assert (len(splits.train), len(splits.validation), len(splits.test), splits.num_classes) == (16, 4, 10, 2)
+    first_test_file = sorted((tmp_path / "test" / "bird").glob("*.jpg"))[0]
+    expected = normalised(np.array(Image.open(first_test_file).convert("RGB")), "cifar10")
+    item, label = splits.test[0]
+    assert item.shape == (3, 32, 32) and int(label) == 0
+    assert torch.allclose(item, expected, atol=1e-6)
+    assert [int(label) for _, label in splits.test] == [0] * 5 + [1] * 5
+    torch.manual_seed(0)
+    assert splits.train[0][0].shape == (3, 32, 32)
+    assert any(varies_between_calls(splits.train, index) for index in range(3))
