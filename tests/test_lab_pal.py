@@ -592,6 +592,11 @@ def test_several_parameter_groups_are_rejected():
         optimizer.add_param_group({"params": [second]})
 
 
+def test_parameters_on_several_dtypes_are_rejected():
+    with pytest.raises(ValueError, match="one device and dtype"):
+        LabPal([nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2, dtype=torch.float64))])
+
+
 def test_summary_is_logged_to_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from torch.utils.tensorboard import SummaryWriter

@@ -116,7 +116,8 @@ class LabPal(Optimizer):
     when k > 1; and the k closures of the direction batches (their batches stay
     where the caller made them; one at a time is moved to the device).
 
-    ``param_groups[0]["lr"]`` is the current effective learning rate: a float in
+    All parameters must share one device and dtype (they are updated by one fused
+    kernel). ``param_groups[0]["lr"]`` is the current effective learning rate: a float in
     SGD mode, a 0-dim tensor in NSGD mode (it changes with ‖d‖ every update and
     reading it as a float synchronises with the device). One parameter group only.
 
@@ -188,6 +189,12 @@ class LabPal(Optimizer):
             inference_batch_size=inference_batch_size,
         )
         super().__init__(params, defaults)
+        kinds = {(p.device, p.dtype) for p in self._params()}
+        if len(kinds) > 1:
+            raise ValueError(
+                f"Invalid parameters: they span {sorted(map(str, kinds))}; LabPal updates all parameters "
+                "with one fused kernel, so move them to one device and dtype first"
+            )
         self._buffers = list(buffers) if buffers is not None else []
         self._pending_closures = []
         self._progress = _initial_progress()
