@@ -1,0 +1,138 @@
+"""Run one experiment of the LABPAL project from a configuration file.
+
+    python main.py                                   # ./configuration_lab_pal.txt
+    python main.py --config configs/other.txt --set training.batch_size=64
+    python main.py --set optimizer.arguments.step_adaptation=3.6
+    python main.py --resume                          # continue the run from its last checkpoint
+
+Trains in <runs_folder>/<experiment name>/ (metrics, TensorBoard events, checkpoints, the
+resolved configuration), draws figures into <plots_folder>/<experiment name>/ and prints where
+everything went. A problem with the input ends with one line on stderr and exit status 2.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from source.configuration import load_configuration
+from source.errors import UserError
+from source.plotting import PlottedRun, check_plot_folder, claim_plot_folder, plot_runs
+from source.training import RunFolder, run_experiment
+
+DEFAULT_CONFIGURATION = "configuration_lab_pal.txt"
+USAGE_ERROR = 2
+INTERRUPTED = 130
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as a one-line ``UserError``."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see python main.py --help)")
+
+
+def _positive_integer(text):
+    value = int(text) if text.strip().isdigit() else 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def parse_arguments(argv):
+    """The command line: --config, --set (repeatable), --resume, --stop-after-steps."""
+    parser = _ArgumentParser(description="Train and evaluate one LABPAL experiment.", allow_abbrev=False)
+    parser.add_argument(
+        "--config",
+        default=DEFAULT_CONFIGURATION,
+        metavar="PATH",
+        help=f"configuration file (default: {DEFAULT_CONFIGURATION})",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one configuration key, e.g. training.batch_size=64 or "
+        "optimizer.arguments.step_adaptation=3.6 (repeatable)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in <runs_folder>/<experiment name> from its last checkpoint",
+    )
+    parser.add_argument(
+        "--stop-after-steps",
+        type=_positive_integer,
+        metavar="N",
+        help="stop after N more steps, saving a checkpoint as if interrupted (continue with --resume)",
+    )
+    return parser.parse_args(argv)
+
+
+def _report(run_folder, plot_files, outcome):
+    """Print where the run's files went and its test result."""
+    folder = run_folder.path
+    event_files = run_folder.event_files()
+    checkpoints = [path for path in (run_folder.last_checkpoint_path, run_folder.best_checkpoint_path) if path.exists()]
+    lines = [
+        ("run folder", str(folder)),
+        ("configuration", str(run_folder.configuration_path)),
+        ("metrics", str(run_folder.metrics_path)),
+        (
+            "event files",
+            f"{', '.join(map(str, event_files))} (view: tensorboard --logdir {folder.parent})"
+            if event_files
+            else "none ([logging] tensorboard = false)",
+        ),
+        ("checkpoints", ", ".join(map(str, checkpoints)) or "none yet"),
+        ("plots", ", ".join(map(str, plot_files)) or "none yet"),
+    ]
+    if outcome.test is not None:
+        quality = "accuracy" if "accuracy" in outcome.test else "rmse"
+        lines.append(
+            (
+                f"test {quality}",
+                f"{outcome.test[quality]:.4f} (checkpoint of step {outcome.best_step}, "
+                f"validation {quality} {outcome.best_validation[quality]:.4f})",
+            )
+        )
+    width = max(len(name) for name, _ in lines) + 1
+    for name, value in lines:
+        print(f"{name + ':':<{width}} {value}")
+
+
+def run(arguments):
+    """Load the configuration, train (or resume), plot, and report; return the exit status."""
+    configuration = load_configuration(arguments.config, arguments.overrides)
+    run_folder = RunFolder.of(configuration)
+    plot_folder = Path(configuration["logging"]["plots_folder"]) / configuration["experiment"]["name"]
+    check_plot_folder(plot_folder, run_folder.path)
+    outcome = run_experiment(configuration, resume=arguments.resume, stop_after_steps=arguments.stop_after_steps)
+    plot_files = []
+    if run_folder.metrics_path.exists() and run_folder.metrics_path.stat().st_size:
+        claim_plot_folder(plot_folder, run_folder.path)
+        plot_files = plot_runs(
+            [PlottedRun(configuration["optimizer"]["name"], run_folder.metrics_path)],
+            plot_folder,
+            dataset=configuration["data"]["name"],
+            model=configuration["model"]["name"],
+        )
+    _report(run_folder, plot_files, outcome)
+    return 0
+
+
+def main(argv=None):
+    """Entry point: returns 0 on success, 2 after a one-line error about the input, 130 when aborted."""
+    try:
+        return run(parse_arguments(argv))
+    except UserError as error:
+        print(f"error: {' '.join(str(error).splitlines())}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        print("aborted; the last checkpoint is kept, continue with --resume", file=sys.stderr)
+        return INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

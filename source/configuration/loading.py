@@ -1,0 +1,227 @@
+"""Read a configuration file, apply command-line overrides and validate against the configspec.
+
+Every problem becomes a ``UserError`` with one line that names the file (or the ``--set``
+that caused it), the key and what is expected, so ``main.py`` can print it and exit.
+"""
+
+import ast
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from configobj import ConfigObj, ConfigObjError, Section, flatten_errors
+from validate import Validator
+
+from source.configuration.checks import CHECKS, InvalidValue, did_you_mean
+from source.errors import UserError
+
+__all__ = [
+    "SPECIFICATION_PATH",
+    "Configuration",
+    "differing_keys",
+    "format_configuration",
+    "key_label",
+    "load_configuration",
+    "section_label",
+]
+
+SPECIFICATION_PATH = Path(__file__).with_name("configspec.ini")
+"""The configspec: type, range and default of every key."""
+
+_FREE_FORM = "__many__"
+
+
+def section_label(path):
+    """Name a (nested) section as in the file: ("optimizer", "arguments") -> "[optimizer] [[arguments]]"."""
+    return " ".join("[" * depth + name + "]" * depth for depth, name in enumerate(path, start=1))
+
+
+def key_label(path, key):
+    """Name a key as in the file: "[training] batch_size"."""
+    return f"{section_label(path)} {key}".strip()
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """A validated configuration: typed values by section, and the file they were read from.
+
+    ``sections["training"]["batch_size"]`` (or ``configuration["training"]["batch_size"]``)
+    is an int; free-form ``arguments`` subsections hold typed words (bool, None, int, float,
+    text, or lists of them).
+    """
+
+    sections: dict
+    source: str
+
+    def __getitem__(self, section):
+        return self.sections[section]
+
+    def where(self, section, key=None):
+        """Name a section or key for messages: "configuration_lab_pal.txt: [training] batch_size"."""
+        label = key_label((section,), key) if key else section_label((section,))
+        return f"{self.source}: {label}"
+
+    @contextlib.contextmanager
+    def blame(self, section, key=None):
+        """Prefix a ``UserError`` raised inside with the file and key it comes from."""
+        try:
+            yield
+        except UserError as error:
+            raise UserError(f"{self.where(section, key)}: {error}") from None
+
+
+def load_configuration(path, overrides=()):
+    """Read ``path``, apply ``overrides`` ("section.key=value" texts) and validate everything.
+
+    Returns a ``Configuration`` with every key of the configspec present and typed.
+    Raises ``UserError`` naming the first problem (and how many more there are).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"configuration file {path} not found; give an existing file with --config PATH")
+    source = str(path)
+    try:
+        document = ConfigObj(
+            source,
+            configspec=str(SPECIFICATION_PATH),
+            encoding="utf-8",
+            interpolation=False,
+            file_error=True,
+            raise_errors=True,
+        )
+    except (ConfigObjError, UnicodeDecodeError) as error:
+        raise UserError(f"{source}: not a valid configuration file: {error}") from None
+    origins = {}
+    for override in overrides:
+        origins[_apply_override(document, override)] = f"--set {override}"
+    _check_structure(document, document.configspec, source, origins, ())
+    _validate(document, source, origins)
+    return Configuration(sections=document.dict(), source=source)
+
+
+def format_configuration(configuration, header):
+    """Render ``configuration`` as configuration-file text that loads back to equal values.
+
+    ``header`` (a list of lines) becomes the file's leading comment.
+    """
+    document = ConfigObj(configuration.sections, interpolation=False)
+    document.initial_comment = [f"# {line}" if line else "#" for line in header]
+    return "\n".join(document.write()) + "\n"
+
+
+def differing_keys(first, second):
+    """Key paths such as ("training", "batch_size") whose values differ between two configurations."""
+    return [path + (key,) for path, key in _walk_differences(first.sections, second.sections, ())]
+
+
+def _walk_differences(first, second, path):
+    for key in sorted(set(first) | set(second)):
+        left, right = first.get(key), second.get(key)
+        if isinstance(left, dict) and isinstance(right, dict):
+            yield from _walk_differences(left, right, path + (key,))
+        elif left != right or type(left) is not type(right):
+            yield path, key
+
+
+def _apply_override(document, override):
+    """Set one "section.key=value" (value parsed as in the file) and return its key path."""
+    dotted, separator, text = override.partition("=")
+    key_path = tuple(part.strip() for part in dotted.split("."))
+    if not separator or len(key_path) < 2 or not all(key_path):
+        raise UserError(
+            f"--set {override}: expected section.key=value, e.g. --set training.batch_size=64"
+        )
+    try:
+        value = ConfigObj([f"value = {text}"], interpolation=False, raise_errors=True)["value"]
+    except ConfigObjError as error:
+        raise UserError(f"--set {override}: cannot read the value: {error}") from None
+    section = document
+    for depth, name in enumerate(key_path[:-1], start=1):
+        if name not in section:
+            section[name] = {}
+        elif not isinstance(section[name], Section):
+            raise UserError(
+                f"--set {override}: {key_label(key_path[:depth - 1], name)} is a value, not a section"
+            )
+        section = section[name]
+    if isinstance(section.get(key_path[-1]), Section):
+        raise UserError(f"--set {override}: {section_label(key_path)} is a section, not a value")
+    section[key_path[-1]] = value
+    return key_path
+
+
+def _origin(origins, path, source):
+    """The ``--set`` that created ``path`` (or something inside it), else the file."""
+    for key_path, origin in origins.items():
+        if key_path[: len(path)] == path:
+            return origin
+    return source
+
+
+def _check_structure(section, specification, source, origins, path):
+    """Reject unknown sections and keys, and values given where sections belong (and vice versa)."""
+    free_form = _FREE_FORM in specification.scalars
+    known = [name for name in specification.scalars + specification.sections if name != _FREE_FORM]
+    for key in section.scalars:
+        where = _origin(origins, path + (key,), source)
+        if key in specification.sections:
+            raise UserError(f"{where}: {key_label(path, key)} must be the section {section_label(path + (key,))}")
+        if key not in specification.scalars and not free_form:
+            hint = did_you_mean(key, known) or f"; known keys: {', '.join(known)}"
+            raise UserError(f"{where}: unknown key {key} in {section_label(path)}{hint}")
+    for name in section.sections:
+        where = _origin(origins, path + (name,), source)
+        if name in specification.sections:
+            _check_structure(section[name], specification[name], source, origins, path + (name,))
+        elif name in specification.scalars:
+            raise UserError(f"{where}: {section_label(path + (name,))} must be a plain key, not a section")
+        else:
+            known_sections = [section_label(path + (other,)) for other in specification.sections]
+            hint = did_you_mean(section_label(path + (name,)), known_sections)
+            if not hint:
+                hint = f"; known sections: {', '.join(known_sections)}" if known_sections else ""
+            raise UserError(f"{where}: unknown section {section_label(path + (name,))}{hint}")
+
+
+def _validate(document, source, origins):
+    """Type every value with the configspec; raise the first problem as a ``UserError``."""
+    result = document.validate(Validator(CHECKS), preserve_errors=True, copy=True)
+    if result is True:
+        return
+    problems = flatten_errors(document, result)
+    sections, key, error = problems[0]
+    path = tuple(sections)
+    section, specification = document, document.configspec
+    for name in path:
+        section, specification = section[name], specification[name]
+    where = _origin(origins, path + (key,), source)
+    if isinstance(error, InvalidValue):
+        expectation = error.expectation
+    else:
+        expectation = _describe_check(specification.get(key, specification.get(_FREE_FORM)))
+    value = section.get(key, "")
+    shown = ", ".join(value) if isinstance(value, list) else value
+    more = len(problems) - 1
+    suffix = f" ({more} more problem{'s' if more > 1 else ''} after this one)" if more else ""
+    raise UserError(f"{where}: {key_label(path, key)} = {shown!r}: expected {expectation}{suffix}")
+
+
+def _describe_check(check):
+    """Say in words what a built-in configspec check such as "integer(min=1)" accepts."""
+    call = ast.parse(check, mode="eval").body
+    arguments = [ast.literal_eval(argument) for argument in call.args]
+    options = {keyword.arg: ast.literal_eval(keyword.value) for keyword in call.keywords}
+    kind = call.func.id
+    if kind in ("integer", "float"):
+        noun = "an integer" if kind == "integer" else "a number"
+        bounds = " and ".join(
+            f"{relation} {options[name]}" for relation, name in ((">=", "min"), ("<=", "max")) if name in options
+        )
+        return f"{noun} {bounds}".strip()
+    if kind == "boolean":
+        return "true or false"
+    if kind == "option":
+        return "one of " + ", ".join(arguments)
+    if kind == "string":
+        return "a non-empty text" if options.get("min", 0) >= 1 else "a text"
+    return f"a value that passes {kind}"

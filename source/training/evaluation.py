@@ -1,0 +1,93 @@
+"""Loss and accuracy (classification) or RMSE (regression) over batches, and split evaluation.
+
+Metric names: "loss" (the training loss function's mean), and "accuracy" for classification or
+"rmse" for regression. RMSE is in the data set's own units: the targets are standardised, so the
+RMSE of the standardised targets is multiplied by the data set's ``target_scale``.
+"""
+
+import math
+
+import torch
+
+__all__ = ["RunningMetrics", "evaluate", "quality_metric"]
+
+
+def quality_metric(task):
+    """The metric that ranks checkpoints and is reported on the test split, and whether higher is better."""
+    return ("accuracy", True) if task == "classification" else ("rmse", False)
+
+
+class RunningMetrics:
+    """Sums of loss and correct predictions (or squared errors) over the batches added so far.
+
+    The sums stay on the device, so ``add`` never waits for the accelerator; ``result`` does.
+    """
+
+    def __init__(self, task, target_scale, device):
+        self.task = task
+        self.target_scale = target_scale
+        self.device = device
+        self.reset()
+
+    def reset(self):
+        """Start a new window: forget every batch added so far."""
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.quality_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.samples = 0
+        self.values = 0
+
+    def add(self, loss, outputs, targets):
+        """Add one batch: ``loss`` is its mean loss, ``outputs`` the model's output for it."""
+        batch = targets.shape[0]
+        self.loss_sum += loss.detach().double() * batch
+        if self.task == "classification":
+            self.quality_sum += (outputs.argmax(dim=1) == targets).sum()
+        else:
+            self.quality_sum += (outputs.detach().double() - targets.double()).square().sum()
+        self.samples += batch
+        self.values += targets.numel()
+
+    def result(self):
+        """Mean loss and accuracy (or RMSE in data units) of the batches added; {} when none."""
+        if not self.samples:
+            return {}
+        name, _ = quality_metric(self.task)
+        loss = self.loss_sum.item() / self.samples
+        if self.task == "classification":
+            return {"loss": loss, name: self.quality_sum.item() / self.samples}
+        return {"loss": loss, name: math.sqrt(self.quality_sum.item() / self.values) * self.target_scale}
+
+    def state_dict(self):
+        """The sums, for a checkpoint taken in the middle of a window."""
+        return {
+            "loss_sum": self.loss_sum,
+            "quality_sum": self.quality_sum,
+            "samples": self.samples,
+            "values": self.values,
+        }
+
+    def load_state_dict(self, state):
+        """Continue the window saved by ``state_dict``."""
+        self.loss_sum = state["loss_sum"].to(self.device)
+        self.quality_sum = state["quality_sum"].to(self.device)
+        self.samples = state["samples"]
+        self.values = state["values"]
+
+
+def evaluate(model, loader, loss_function, metrics, device):
+    """Mean loss and accuracy (or RMSE) of ``model`` over ``loader``, in eval mode, without gradients.
+
+    ``metrics`` is a ``RunningMetrics`` for the task; it is reset first. The model's train/eval
+    mode is restored afterwards.
+    """
+    was_training = model.training
+    model.eval()
+    metrics.reset()
+    with torch.no_grad():
+        for inputs, targets in loader:
+            inputs = inputs.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            outputs = model(inputs)
+            metrics.add(loss_function(outputs, targets), outputs, targets)
+    model.train(was_training)
+    return metrics.result()

@@ -1,0 +1,395 @@
+"""The experiment runner end to end: main.py, run folder, metrics, events, checkpoints, plots, resume."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+import main
+from source.configuration import load_configuration
+from source.errors import UserError
+from source.plotting import PlottedRun, check_plot_folder, claim_plot_folder, plot_runs, read_metrics
+from source.training import RunFolder, run_experiment
+from source.training.data_order import EpochShuffleSampler, SeededSamples, training_loader
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+# 1,150 digits training images / 32 = 35 steps per epoch; evaluations at 10, 20, 24.
+TINY = """\
+[experiment]
+name = tiny
+device = cpu
+cpu_threads = 1
+[data]
+name = digits
+[model]
+name = small_cnn
+[optimizer]
+name = lab_pal
+[training]
+training_steps = 24
+batch_size = 32
+evaluate_every_steps = 10
+[logging]
+progress_bar = false
+log_every_steps = 5
+"""
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    """A fresh working folder holding tiny.txt; runs/ and plots/ are created inside it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny.txt").write_text(TINY)
+    return tmp_path
+
+
+def _set(*overrides):
+    """Command-line arguments that apply ``overrides`` ("section.key=value") with --set."""
+    return [argument for override in overrides for argument in ("--set", override)]
+
+
+def _records(path):
+    return [{key: value for key, value in record.items() if key != "elapsed_seconds"} for record in read_metrics(path)]
+
+
+def _scalar_tags(run_folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for event_file in run_folder.glob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(event_file))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    return tags
+
+
+def test_main_runs_a_tiny_experiment_and_writes_everything(workspace, capsys):
+    assert main.main(["--config", "tiny.txt"]) == 0
+    folder = workspace / "runs" / "tiny"
+    records = read_metrics(folder / "metrics.jsonl")
+    by_split = {
+        split: [record for record in records if record["split"] == split]
+        for split in ("training", "validation", "test")
+    }
+    assert [record["step"] for record in by_split["training"]] == [5, 10, 15, 20]
+    assert [record["step"] for record in by_split["validation"]] == [10, 20, 24]
+    assert len(by_split["test"]) == 1 and by_split["test"][0]["step"] == 24
+    assert set(by_split["training"][0]) == {"step", "split", "loss", "accuracy", "learning_rate"}
+    assert 0.0 <= by_split["test"][0]["accuracy"] <= 1.0
+    assert by_split["test"][0]["best_step"] in (10, 20, 24)
+    assert {
+        "training/learning_rate",
+        "training/loss",
+        "training/accuracy",
+        "validation/loss",
+        "validation/accuracy",
+        "test/accuracy",
+        "lab_pal/training_batch_size",
+    } <= _scalar_tags(folder)
+    last = torch.load(folder / "last.pt", weights_only=True)
+    best = torch.load(folder / "best.pt", weights_only=True)
+    assert last["step"] == 24 and last["finished"] and best["step"] == by_split["test"][0]["best_step"]
+    stored = load_configuration(folder / "configuration.txt")
+    assert stored.sections == load_configuration("tiny.txt").sections
+    plots = workspace / "plots" / "tiny"
+    for name in ("learning_rate", "training_loss", "validation_accuracy", "test_accuracy"):
+        assert (plots / f"{name}.png").read_bytes().startswith(PNG_SIGNATURE)
+    output = capsys.readouterr().out
+    for shown in (str(Path("runs") / "tiny"), "metrics.jsonl", "last.pt", "best.pt", "test_accuracy.png", "events.out"):
+        assert shown in output
+    assert f"test accuracy: {by_split['test'][0]['accuracy']:.4f}" in output
+
+
+def test_regression_run_reports_rmse_in_data_units(workspace):
+    overrides = _set(
+        "data.name=diabetes",
+        "model.name=mlp",
+        "optimizer.name=sgd",
+        "optimizer.arguments.lr=0.01",
+        "training.training_steps=12",
+        "logging.tensorboard=false",
+    )
+    assert main.main(["--config", "tiny.txt", *overrides]) == 0
+    records = read_metrics(workspace / "runs" / "tiny" / "metrics.jsonl")
+    test = [record for record in records if record["split"] == "test"][0]
+    # Diabetes targets spread over about 25..346 (std about 77): an untrained RMSE is tens of units.
+    assert 20.0 < test["rmse"] < 200.0 and "accuracy" not in test
+    assert (workspace / "plots" / "tiny" / "validation_rmse.png").exists()
+    assert (workspace / "plots" / "tiny" / "test_rmse.png").exists()
+    assert not list((workspace / "runs" / "tiny").glob("events.out.tfevents.*"))
+
+
+def test_main_as_a_script(workspace):
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(REPOSITORY / "main.py"), "--config", "tiny.txt", *_set("training.training_steps=10")]
+    finished = subprocess.run(command, cwd=workspace, capture_output=True, text=True, env=environment, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    assert (workspace / "runs" / "tiny" / "best.pt").exists()
+    assert len(list((workspace / "plots" / "tiny").glob("*.png"))) == 4
+    failed = subprocess.run(command, cwd=workspace, capture_output=True, text=True, env=environment, timeout=300)
+    assert failed.returncode == 2
+    assert failed.stderr.count("\n") == 1 and "Traceback" not in failed.stderr
+    assert failed.stderr.startswith("error: runs/tiny already exists: continue that run with --resume")
+
+
+# Each case: --set overrides (or other arguments), fragments of the one-line message.
+BAD_RUNS = {
+    "unknown key": (
+        ["--set", "training.batchsize=3"],
+        ["--set training.batchsize=3", "unknown key batchsize", "'batch_size'"],
+    ),
+    "wrong type": (["--set", "training.training_steps=ten"], ["[training] training_steps = 'ten'", "integer >= 1"]),
+    "out of range": (["--set", "training.batch_size=0"], ["[training] batch_size = '0'", "integer >= 1"]),
+    "unknown model": (["--set", "model.name=resnet"], ["[model] name = 'resnet'", "small_cnn"]),
+    "unknown data set": (["--set", "data.name=mnist"], ["[data] name = 'mnist'", "digits"]),
+    "unknown optimizer": (["--set", "optimizer.name=sls"], ["[optimizer] name = 'sls'", "lab_pal", "sgd"]),
+    "unknown schedule": (["--set", "schedule.name=cosine"], ["[schedule] name = 'cosine'", "CosineAnnealingLR"]),
+    "unknown optimizer argument": (
+        ["--set", "optimizer.arguments.step_adaption=3.6"],
+        ["tiny.txt: [optimizer]", "step_adaption", "step_adaptation"],
+    ),
+    "unknown schedule argument": (
+        _set(
+            "optimizer.name=sgd",
+            "optimizer.arguments.lr=0.1",
+            "schedule.name=MultiStepLR",
+            "schedule.arguments.milestone=5,",
+        ),
+        ["tiny.txt: [schedule]", "no argument milestone", "milestones"],
+    ),
+    "schedule for lab_pal": (
+        ["--set", "schedule.name=StepLR", "--set", "schedule.arguments.step_size=5"],
+        ["tiny.txt: [schedule]", "LabPal sets its own learning rate"],
+    ),
+    "optimizer value refused": (
+        ["--set", "optimizer.name=sgd", "--set", "optimizer.arguments.lr=-1"],
+        ["tiny.txt: [optimizer]", "Invalid learning rate: -1"],
+    ),
+    "batch larger than training set": (
+        ["--set", "training.batch_size=5000"],
+        ["[training] batch_size", "5000 exceeds"],
+    ),
+    "missing data files": (
+        ["--set", "data.name=cifar10", "--set", "model.name=resnet20"],
+        ["tiny.txt: [data]", "cifar-10-batches-py"],
+    ),
+    "missing configuration file": (["--config", "absent.txt"], ["absent.txt not found"]),
+    "bad --set": (["--set", "training"], ["--set training", "section.key=value"]),
+    "bad command line option": (["--resum"], ["unrecognized arguments: --resum", "--help"]),
+    "resume without a run": (["--resume"], ["cannot resume", "does not exist"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RUNS))
+def test_bad_input_exits_2_with_one_line_and_no_run_folder(workspace, capsys, case):
+    arguments, fragments = BAD_RUNS[case]
+    if "--config" not in arguments:
+        arguments = ["--config", "tiny.txt", *arguments]
+    assert main.main(arguments) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ") and captured.err.count("\n") == 1
+    assert "Traceback" not in captured.err
+    for fragment in fragments:
+        assert fragment in captured.err
+    assert not (workspace / "runs").exists() or not any((workspace / "runs").iterdir())
+    assert not (workspace / "plots").exists()
+
+
+def test_cuda_device_without_cuda_is_refused(workspace, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main.main(["--config", "tiny.txt", "--set", "experiment.device=cuda"]) == 2
+    assert "[experiment] device: cuda asked for, but this machine has no CUDA device" in capsys.readouterr().err
+    assert not (workspace / "runs").exists()
+
+
+def test_existing_run_is_never_overwritten_and_resumes_only_with_its_configuration(workspace, capsys):
+    arguments = ["--config", "tiny.txt", "--set", "training.training_steps=5"]
+    assert main.main([*arguments, "--stop-after-steps", "3"]) == 0
+    assert "stopped at step 3 of 5; continue with --resume" in capsys.readouterr().out
+    assert main.main(arguments) == 2
+    assert "runs/tiny already exists: continue that run with --resume" in capsys.readouterr().err
+    assert main.main([*arguments, "--resume", "--set", "model.name=mlp"]) == 2
+    assert "[model] name differ from its configuration.txt; resume with --config runs/tiny/configuration.txt" in (
+        capsys.readouterr().err
+    )
+    assert main.main([*arguments, "--resume"]) == 0
+    assert "resuming runs/tiny from step 3" in capsys.readouterr().out
+    records = (workspace / "runs" / "tiny" / "metrics.jsonl").read_bytes()
+    assert main.main([*arguments, "--resume"]) == 0
+    assert "finished at step 5 already" in capsys.readouterr().out
+    assert (workspace / "runs" / "tiny" / "metrics.jsonl").read_bytes() == records
+
+
+def _tensors_equal(first, second, path="checkpoint"):
+    """Assert two checkpoint trees are equal, tensors bit for bit."""
+    if isinstance(first, torch.Tensor):
+        assert torch.equal(first, second), path
+    elif isinstance(first, dict):
+        assert set(first) == set(second), path
+        for key in first:
+            _tensors_equal(first[key], second[key], f"{path}/{key}")
+    elif isinstance(first, (list, tuple)):
+        assert len(first) == len(second), path
+        for index, (left, right) in enumerate(zip(first, second)):
+            _tensors_equal(left, right, f"{path}[{index}]")
+    else:
+        assert first == second, path
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "stops"),
+    [
+        # SGD with the paper's kind of schedule: milestones in steps, one inside each resumed leg.
+        (
+            [
+                "optimizer.name=sgd",
+                "optimizer.arguments.lr=0.1",
+                "schedule.name=MultiStepLR",
+                "schedule.arguments.milestones=12, 30",
+                "schedule.arguments.gamma=0.1",
+            ],
+            [13, 24],
+        ),
+        # LABPAL stopped inside its first measurement (10 batches) and again after an epoch boundary (35).
+        (["optimizer.name=lab_pal"], [6, 31]),
+    ],
+    ids=["sgd_multistep", "lab_pal"],
+)
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(workspace, optimizer, stops):
+    common = [*optimizer, "training.training_steps=45", "training.evaluate_every_steps=15"]
+    uninterrupted = load_configuration("tiny.txt", [*common, "experiment.name=whole"])
+    assert run_experiment(uninterrupted).finished
+    pieces = load_configuration("tiny.txt", [*common, "experiment.name=pieces"])
+    resume = False
+    for stop in stops:
+        outcome = run_experiment(pieces, resume=resume, stop_after_steps=stop)
+        assert not outcome.finished
+        resume = True
+    assert run_experiment(pieces, resume=True).finished
+    whole_folder, pieces_folder = RunFolder.of(uninterrupted), RunFolder.of(pieces)
+    whole_last = torch.load(whole_folder.last_checkpoint_path, weights_only=True)
+    pieces_last = torch.load(pieces_folder.last_checkpoint_path, weights_only=True)
+    # Wall times differ, and with them the byte length of the metrics records.
+    for checkpoint in (whole_last, pieces_last):
+        checkpoint.pop("elapsed_seconds")
+        checkpoint.pop("metrics_offset")
+    _tensors_equal(whole_last, pieces_last)
+    _tensors_equal(
+        torch.load(whole_folder.best_checkpoint_path, weights_only=True),
+        torch.load(pieces_folder.best_checkpoint_path, weights_only=True),
+    )
+    assert _records(whole_folder.metrics_path) == _records(pieces_folder.metrics_path)
+
+
+def test_resume_cuts_records_written_after_the_last_checkpoint(workspace):
+    configuration = load_configuration("tiny.txt", ["logging.tensorboard=false"])
+    run_experiment(configuration, stop_after_steps=12)
+    folder = RunFolder.of(configuration)
+    expected = _records(folder.metrics_path)
+    # A run killed after step 12 may have logged more than its checkpoint knows about.
+    with open(folder.metrics_path, "a") as file:
+        record = {"step": 15, "split": "training", "loss": 1.0, "accuracy": 0.5, "learning_rate": 0.1}
+        file.write(json.dumps(record) + "\n")
+    run_experiment(configuration, resume=True, stop_after_steps=1)
+    steps = [(record["step"], record["split"]) for record in _records(folder.metrics_path)]
+    assert steps[: len(expected)] == [(record["step"], record["split"]) for record in expected]
+    assert (15, "training") not in steps and len(steps) == len(set(steps))
+
+
+def test_resume_refuses_fewer_steps_than_already_run(workspace):
+    configuration = load_configuration("tiny.txt", ["logging.tensorboard=false"])
+    run_experiment(configuration, stop_after_steps=12)
+    shorter = load_configuration("tiny.txt", ["logging.tensorboard=false", "training.training_steps=11"])
+    with pytest.raises(UserError, match=r"\[training\] training_steps: 11 is less than the 12 steps"):
+        run_experiment(shorter, resume=True)
+
+
+class _RandomNoise(Dataset):
+    """Each item is its index plus noise drawn from torch's global generator (an augmentation)."""
+
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, index):
+        return torch.tensor([float(index)]) + torch.rand(1), index
+
+
+def test_data_order_is_a_pure_function_of_seed_and_epoch():
+    sampler = EpochShuffleSampler(10, seed=3)
+    sampler.set_position(epoch=2)
+    epoch_two = list(sampler)
+    assert sorted(index for index, _ in epoch_two) == list(range(10))
+    sampler.set_position(epoch=1)
+    assert list(sampler) != epoch_two
+    sampler.set_position(epoch=2, start=4)
+    assert list(sampler) == epoch_two[4:] and len(sampler) == 6
+    assert list(EpochShuffleSampler(10, seed=4)) != list(EpochShuffleSampler(10, seed=3))
+
+
+def test_augmentation_depends_on_the_sample_seed_only_and_leaves_global_generators_alone():
+    samples = SeededSamples(_RandomNoise())
+    state = torch.get_rng_state()
+    first = samples.__getitems__([(3, 11), (5, 12)])
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.rand(7)
+    again = samples.__getitems__([(5, 12)])
+    assert torch.equal(first[1][0], again[0][0])
+    assert not torch.equal(samples[(3, 11)][0], samples[(3, 99)][0])
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_batches_do_not_depend_on_loader_workers(num_workers):
+    reference_loader, reference_sampler = training_loader(_RandomNoise(), 3, seed=7, num_workers=0, pin_memory=False)
+    loader, sampler = training_loader(_RandomNoise(), 3, seed=7, num_workers=num_workers, pin_memory=False)
+    for position in (sampler, reference_sampler):
+        position.set_position(epoch=1, start=3)
+    expected = list(reference_loader)
+    batches = list(loader)
+    assert len(batches) == 2
+    for (inputs, targets), (expected_inputs, expected_targets) in zip(batches, expected):
+        assert torch.equal(inputs, expected_inputs) and torch.equal(targets, expected_targets)
+
+
+def _write_metrics(path, learning_rate, accuracy):
+    records = [
+        {"step": 10, "split": "training", "loss": 1.0, "accuracy": 0.5, "learning_rate": learning_rate},
+        {"step": 20, "split": "training", "loss": 0.5, "accuracy": 0.7, "learning_rate": learning_rate / 10},
+        {"step": 20, "split": "validation", "loss": 0.6, "accuracy": accuracy, "epoch": 1.0},
+        {"step": 20, "split": "test", "loss": 0.6, "accuracy": accuracy, "best_step": 20},
+    ]
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+def test_plot_runs_draws_several_runs_into_titled_figures(tmp_path):
+    runs = [
+        PlottedRun("LABPAL-NSGD", _write_metrics(tmp_path / "a.jsonl", 0.1, 0.72)),
+        PlottedRun("SGD", _write_metrics(tmp_path / "b.jsonl", 0.05, 0.68)),
+    ]
+    written = plot_runs(runs, tmp_path / "figures", dataset="cifar100", model="mobilenet_v2_cifar")
+    assert [path.name for path in written] == [
+        "learning_rate.png",
+        "training_loss.png",
+        "validation_accuracy.png",
+        "test_accuracy.png",
+    ]
+    for path in written:
+        assert path.read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_plot_folder_of_another_run_is_refused(tmp_path):
+    folder = tmp_path / "plots" / "name"
+    claim_plot_folder(folder, tmp_path / "runs" / "name")
+    plot_runs([PlottedRun("x", _write_metrics(tmp_path / "a.jsonl", 0.1, 0.7))], folder, dataset="d", model="m")
+    check_plot_folder(folder, tmp_path / "runs" / "name")
+    with pytest.raises(UserError, match="holds the plots of"):
+        check_plot_folder(folder, tmp_path / "other_runs" / "name")
