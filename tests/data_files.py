@@ -1,4 +1,4 @@
-"""Writers of tiny data sets in the real on-disk formats, for the data tests.
+"""Writers of tiny data sets in the real on-disk formats, and a few real CIFAR-10 JPEGs, for tests.
 
 Every image is 32x32 RGB with random pixels, except pixel (row 0, column 0),
 whose red value is the image's id: a test reads it back after normalisation to
@@ -8,14 +8,21 @@ know which file an item came from.
 from __future__ import annotations
 
 import pickle
+import shutil
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pytest
 import scipy.io
 from PIL import Image
 
 IMAGE_SIDE = 32
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+SHARED_CIFAR10_ARCHIVE = REPOSITORY.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+UNPACKED_CIFAR10_COPIES = (REPOSITORY / "data" / "cifar10-jpeg", REPOSITORY.parent / "shared" / "data" / "cifar10-jpeg")
 
 
 @dataclass(frozen=True)
@@ -128,3 +135,32 @@ def write_image_folder(
         class_folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(class_folder / f"{index:04d}{suffix}")
     return written
+
+
+def copy_a_few_cifar10_jpegs(destination: Path, classes: tuple[str, ...], train_per_class: int, test_per_class: int):
+    """destination/{train,test}/<class>/ with a few real images, from an unpacked copy or the archive."""
+    wanted = {"train": train_per_class, "test": test_per_class}
+    unpacked = next((folder for folder in UNPACKED_CIFAR10_COPIES if (folder / "train").is_dir()), None)
+    if unpacked is not None:
+        for split, count in wanted.items():
+            for name in classes:
+                (destination / split / name).mkdir(parents=True)
+                for path in sorted((unpacked / split / name).glob("*.jpg"))[:count]:
+                    shutil.copy(path, destination / split / name / path.name)
+        return
+    if not SHARED_CIFAR10_ARCHIVE.is_file():
+        pytest.skip(f"real CIFAR-10 JPEGs not found: neither {SHARED_CIFAR10_ARCHIVE} nor an unpacked copy")
+    remaining = {(split, name): count for split, count in wanted.items() for name in classes}
+    # Stream the archive and stop once enough files are copied; members are written
+    # by name under destination, never extracted with their archive paths.
+    with tarfile.open(SHARED_CIFAR10_ARCHIVE) as archive:
+        for member in archive:
+            parts = Path(member.name).parts  # cifar10-jpeg/<split>/<class>/<file>
+            if not member.isfile() or len(parts) != 4 or remaining.get(parts[1:3], 0) == 0:
+                continue
+            target = destination / parts[1] / parts[2] / parts[3]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(archive.extractfile(member).read())
+            remaining[parts[1:3]] -= 1
+            if not any(remaining.values()):
+                break

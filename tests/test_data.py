@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import tarfile
 import urllib.error
 from pathlib import Path
 
@@ -22,11 +20,14 @@ from source.data import DataSplits, available_datasets, build_datasets
 from source.data.presets import PRESETS
 from source.data.transforms import NORMALIZATION
 from source.errors import UserError
-from tests.data_files import write_cifar10, write_cifar100, write_image_folder, write_svhn
+from tests.data_files import (
+    copy_a_few_cifar10_jpegs,
+    write_cifar10,
+    write_cifar100,
+    write_image_folder,
+    write_svhn,
+)
 
-REPOSITORY = Path(__file__).resolve().parents[1]
-SHARED_CIFAR10_ARCHIVE = REPOSITORY.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
-UNPACKED_CIFAR10_COPIES = (REPOSITORY / "data" / "cifar10-jpeg", REPOSITORY.parent / "shared" / "data" / "cifar10-jpeg")
 
 
 def normalised(pixels: np.ndarray, normalization: str) -> torch.Tensor:
@@ -340,35 +341,6 @@ def test_normalization_by_name_and_its_errors(tmp_path):
 
 
 # --- the real CIFAR-10 JPEGs -------------------------------------------------------------------
-
-
-def copy_a_few_cifar10_jpegs(destination: Path, classes: tuple[str, ...], train_per_class: int, test_per_class: int):
-    """destination/{train,test}/<class>/ with a few real images, from an unpacked copy or the archive."""
-    wanted = {"train": train_per_class, "test": test_per_class}
-    unpacked = next((folder for folder in UNPACKED_CIFAR10_COPIES if (folder / "train").is_dir()), None)
-    if unpacked is not None:
-        for split, count in wanted.items():
-            for name in classes:
-                (destination / split / name).mkdir(parents=True)
-                for path in sorted((unpacked / split / name).glob("*.jpg"))[:count]:
-                    shutil.copy(path, destination / split / name / path.name)
-        return
-    if not SHARED_CIFAR10_ARCHIVE.is_file():
-        pytest.skip(f"real CIFAR-10 JPEGs not found: neither {SHARED_CIFAR10_ARCHIVE} nor an unpacked copy")
-    remaining = {(split, name): count for split, count in wanted.items() for name in classes}
-    # Stream the archive and stop once enough files are copied; members are written
-    # by name under destination, never extracted with their archive paths.
-    with tarfile.open(SHARED_CIFAR10_ARCHIVE) as archive:
-        for member in archive:
-            parts = Path(member.name).parts  # cifar10-jpeg/<split>/<class>/<file>
-            if not member.isfile() or len(parts) != 4 or remaining.get(parts[1:3], 0) == 0:
-                continue
-            target = destination / parts[1] / parts[2] / parts[3]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(archive.extractfile(member).read())
-            remaining[parts[1:3]] -= 1
-            if not any(remaining.values()):
-                break
 
 
 def test_real_cifar10_jpegs_load_as_a_cifar_style_image_folder(tmp_path):
