@@ -32,7 +32,9 @@ def test_configs_hold_the_paper_grid():
 def test_preset_is_valid_and_its_optimizer_and_schedule_build(path):
     configuration = load_configuration(path)
     assert configuration["experiment"]["name"] == path.stem
-    assert configuration["training"]["batch_size"] == 128
+    if path.stem in PAPER_GRID:
+        assert configuration["training"]["batch_size"] == 128
+        assert configuration["training"]["training_steps"] == 150_000
     optimizer_section = configuration["optimizer"]
     model = torch.nn.Linear(2, 2)
     optimizer = build_optimizer(
