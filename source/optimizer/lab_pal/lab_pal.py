@@ -294,7 +294,7 @@ class LabPal(Optimizer):
         self._skipped_updates = None
         self._pending_closures = []
         if skipped_updates:
-            self._count_skipped(torch.tensor(float(skipped_updates)))
+            self._count_skipped(torch.tensor(float(skipped_updates), device=device))
         if pending_closures:
             self._restart_measurement()
 
