@@ -19,13 +19,14 @@ from typing import Callable
 
 from source.data.embedded import build_diabetes, build_digits
 from source.data.image_folder import build_image_folder, build_imagenet
+from source.data.options import DataOptions
 from source.data.splits import DataSplits
 from source.data.torchvision_sets import build_cifar10, build_cifar100, build_svhn
 from source.errors import UserError
 
 __all__ = ["DataSplits", "available_datasets", "build_datasets"]
 
-_BUILDERS: dict[str, Callable[..., DataSplits]] = {
+_BUILDERS: dict[str, Callable[[Path, DataOptions], DataSplits]] = {
     "digits": build_digits,
     "diabetes": build_diabetes,
     "cifar10": build_cifar10,
@@ -61,17 +62,8 @@ def build_datasets(
     Args:
         name: one of ``available_datasets()``.
         root: folder holding the data set's files (layouts in the data set modules).
-        download: let torchvision download CIFAR or SVHN files that are missing.
-        train_size: training examples; the rest of the training split is validation.
-            None: the data set's preset in presets.PRESETS (the paper's splits).
-        split_seed: seed of the random train/validation partition.
-        augment: random crops and flips on the training split (images only).
-        crop_padding: padding of the random crop of small images (transforms.py).
-        image_size: side of the square model input; it selects the CIFAR-style or
-            the ImageNet-style pipeline (transforms.py).
-        normalization: name of the data set whose mean/std to normalise with
-            (transforms.NORMALIZATION).
-        Options left None take the data set's preset.
+        The other keywords become the fields of DataOptions (options.py), whose
+        docstring says what each means; left None they take the data set's preset.
 
     Raises:
         UserError: unknown name, missing files, or options that do not fit.
@@ -80,8 +72,7 @@ def build_datasets(
         close = difflib.get_close_matches(str(name), _BUILDERS, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise UserError(f"unknown data set {name!r}; {hint}valid names: {', '.join(available_datasets())}")
-    return _BUILDERS[name](
-        Path(root).expanduser(),
+    options = DataOptions(
         download=download,
         train_size=train_size,
         split_seed=split_seed,
@@ -90,3 +81,4 @@ def build_datasets(
         image_size=image_size,
         normalization=normalization,
     )
+    return _BUILDERS[name](Path(root).expanduser(), options)

@@ -22,6 +22,7 @@ import torch
 from sklearn.datasets import load_diabetes, load_digits
 from torch.utils.data import TensorDataset
 
+from source.data.options import DataOptions
 from source.data.presets import PRESETS, TEST_FRACTION, TEST_SPLIT_SEED
 from source.data.splits import (
     DataSplits,
@@ -39,31 +40,16 @@ __all__ = ["build_digits", "build_diabetes"]
 _DIGITS_MAX_PIXEL = 16.0
 
 
-def build_digits(
-    root: Path,
-    *,
-    download: bool,
-    train_size: int | None,
-    split_seed: int,
-    augment: bool,
-    crop_padding: int | None,
-    image_size: int | None,
-    normalization: str | None,
-) -> DataSplits:
-    """scikit-learn's digits as 1x8x8 normalised float tensors with int64 class labels.
-
-    ``root``, ``download`` and ``augment`` are accepted for a uniform signature and unused.
-    """
-    _reject_options("digits", "its images are 8x8 and not augmented", crop_padding=crop_padding, image_size=image_size)
+def build_digits(root: Path, options: DataOptions) -> DataSplits:
+    """scikit-learn's digits as 1x8x8 normalised float tensors with int64 class labels (``root`` is not read)."""
+    _reject_options("digits", "its images are 8x8 and not augmented", options, "crop_padding", "image_size")
     bundle = load_digits()
-    (mean,), (std,) = normalization_constants(normalization or PRESETS["digits"].normalization, 1)
+    (mean,), (std,) = normalization_constants(options.normalization or PRESETS["digits"].normalization, 1)
     images = torch.as_tensor(bundle.images / _DIGITS_MAX_PIXEL, dtype=torch.float32).unsqueeze(1)
     inputs = (images - mean) / std
     labels = torch.as_tensor(bundle.target, dtype=torch.int64)
     test_indices = stratified_holdout(bundle.target, TEST_FRACTION, TEST_SPLIT_SEED)
-    train_indices, validation_indices = _training_and_validation(
-        "digits", len(labels), test_indices, train_size, split_seed
-    )
+    train_indices, validation_indices = _training_and_validation("digits", len(labels), test_indices, options)
     base = TensorDataset(inputs, labels)
     return DataSplits(
         name="digits",
@@ -77,35 +63,16 @@ def build_digits(
     )
 
 
-def build_diabetes(
-    root: Path,
-    *,
-    download: bool,
-    train_size: int | None,
-    split_seed: int,
-    augment: bool,
-    crop_padding: int | None,
-    image_size: int | None,
-    normalization: str | None,
-) -> DataSplits:
-    """scikit-learn's diabetes regression: 10 standardised features -> 1 standardised target.
-
-    ``root``, ``download`` and ``augment`` are accepted for a uniform signature and unused.
-    """
+def build_diabetes(root: Path, options: DataOptions) -> DataSplits:
+    """scikit-learn's diabetes regression: 10 standardised features -> 1 standardised target (``root`` is not read)."""
     _reject_options(
-        "diabetes",
-        "it has feature vectors, not images",
-        crop_padding=crop_padding,
-        image_size=image_size,
-        normalization=normalization,
+        "diabetes", "it has feature vectors, not images", options, "crop_padding", "image_size", "normalization"
     )
     # Unscaled features: scikit-learn's scaled variant uses statistics of all
     # 442 patients, test split included.
     features, targets = load_diabetes(return_X_y=True, scaled=False)
     test_indices = random_holdout(len(targets), TEST_FRACTION, TEST_SPLIT_SEED)
-    train_indices, validation_indices = _training_and_validation(
-        "diabetes", len(targets), test_indices, train_size, split_seed
-    )
+    train_indices, validation_indices = _training_and_validation("diabetes", len(targets), test_indices, options)
     training_features, training_targets = features[train_indices.numpy()], targets[train_indices.numpy()]
     target_std = float(training_targets.std())
     standardised_features = (features - training_features.mean(axis=0)) / training_features.std(axis=0)
@@ -125,17 +92,17 @@ def build_diabetes(
 
 
 def _training_and_validation(
-    name: str, count: int, test_indices: np.ndarray, train_size: int | None, split_seed: int
+    name: str, count: int, test_indices: np.ndarray, options: DataOptions
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices (into all ``count`` items) of training and validation, drawn from outside the test split."""
     remaining = torch.as_tensor(np.setdiff1d(np.arange(count), test_indices))
-    size = resolve_train_size(name, len(remaining), train_size, PRESETS[name].train_size)
-    train_positions, validation_positions = split_training_indices(len(remaining), size, split_seed)
+    size = resolve_train_size(name, len(remaining), options.train_size, PRESETS[name].train_size)
+    train_positions, validation_positions = split_training_indices(len(remaining), size, options.split_seed)
     return remaining[train_positions], remaining[validation_positions]
 
 
-def _reject_options(name: str, reason: str, **options: object) -> None:
-    """UserError for image options set on a data set they do not apply to."""
-    for option, value in options.items():
-        if value is not None:
-            raise UserError(f"{name} takes no {option} ({reason}); leave data.{option} unset")
+def _reject_options(name: str, reason: str, options: DataOptions, *fields: str) -> None:
+    """UserError for the first of the image option ``fields`` set on a data set they do not apply to."""
+    for field in fields:
+        if getattr(options, field) is not None:
+            raise UserError(f"{name} takes no {field} ({reason}); leave data.{field} unset")

@@ -9,7 +9,7 @@ Layout under ``root``:
 
 Class indices follow the sorted class-folder names; the evaluation folder must
 hold the same classes as train/. Images are read from disk per item, so training
-and validation share one file list. Nothing is downloaded: ``download`` is ignored.
+and validation share one file list. Nothing is downloaded: ``options.download`` is ignored.
 
 The shared CIFAR-10 JPEG archive trains like CIFAR-10 with
 ``image_folder, image_size=32, normalization="cifar10"``: 32 pixels selects the
@@ -22,6 +22,7 @@ from pathlib import Path
 
 from torchvision.datasets import ImageFolder
 
+from source.data.options import DataOptions
 from source.data.splits import DataSplits, class_index, image_classification_splits
 from source.data.transforms import dataset_image_pipelines
 from source.errors import UserError
@@ -31,47 +32,34 @@ __all__ = ["build_imagenet", "build_image_folder"]
 _TRAINING_FOLDER = "train"
 
 
-def build_imagenet(root: Path, **options) -> DataSplits:
-    """ImageNet (ILSVRC2012) from root/train and root/val; options as in build_datasets."""
+def build_imagenet(root: Path, options: DataOptions) -> DataSplits:
+    """ImageNet (ILSVRC2012) from root/train and root/val."""
     return _build_from_folders(
         "imagenet",
         root,
+        options,
         evaluation_folders=("val",),
         layout=f"{root}/train/<class>/*.JPEG and {root}/val/<class>/*.JPEG (ImageNet cannot be downloaded "
         f"automatically: sort the validation images into class folders)",
-        **options,
     )
 
 
-def build_image_folder(root: Path, **options) -> DataSplits:
-    """Images in root/train/<class>/ and root/val/<class>/ (or root/test/<class>/); options as in build_datasets."""
+def build_image_folder(root: Path, options: DataOptions) -> DataSplits:
+    """Images in root/train/<class>/ and root/val/<class>/ (or root/test/<class>/)."""
     return _build_from_folders(
         "image_folder",
         root,
+        options,
         evaluation_folders=("val", "test"),
         layout=f"{root}/train/<class>/<image files> and {root}/val/<class>/<image files> (or test/ instead of val/)",
-        **options,
     )
 
 
 def _build_from_folders(
-    name: str,
-    root: Path,
-    *,
-    evaluation_folders: tuple[str, ...],
-    layout: str,
-    download: bool,
-    train_size: int | None,
-    split_seed: int,
-    augment: bool,
-    crop_padding: int | None,
-    image_size: int | None,
-    normalization: str | None,
+    name: str, root: Path, options: DataOptions, *, evaluation_folders: tuple[str, ...], layout: str
 ) -> DataSplits:
     """Splits from root/train and the first of ``evaluation_folders`` that exists."""
-    pipelines = dataset_image_pipelines(
-        name, augment=augment, crop_padding=crop_padding, image_size=image_size, normalization=normalization
-    )
+    pipelines = dataset_image_pipelines(name, options)
     training_folder = root / _TRAINING_FOLDER
     evaluation_folder = next((root / folder for folder in evaluation_folders if (root / folder).is_dir()), None)
     if not training_folder.is_dir() or evaluation_folder is None:
@@ -91,11 +79,5 @@ def _build_from_folders(
             f"only in {evaluation_folder.name}/: {', '.join(only_evaluation[:5]) or 'none'})"
         )
     return image_classification_splits(
-        name,
-        training_base,
-        test,
-        pipelines=pipelines,
-        num_classes=len(training_base.classes),
-        train_size=train_size,
-        split_seed=split_seed,
+        name, training_base, test, pipelines=pipelines, num_classes=len(training_base.classes), options=options
     )

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from source.data.options import DataOptions
 from source.data.presets import PRESETS
 from source.data.transforms import ImagePipelines
 from source.errors import UserError
@@ -129,17 +130,16 @@ def image_classification_splits(
     *,
     pipelines: ImagePipelines,
     num_classes: int,
-    train_size: int | None,
-    split_seed: int,
+    options: DataOptions,
 ) -> DataSplits:
     """DataSplits with training and validation as two views over ``training_base``.
 
     ``training_base`` yields untransformed images; training sees them through the
     training pipeline, validation through the evaluation pipeline. ``test`` comes
-    with its evaluation transform already set.
+    with its evaluation transform already set. ``options`` gives train_size and split_seed.
     """
-    size = resolve_train_size(name, len(training_base), train_size, PRESETS[name].train_size)
-    train_indices, validation_indices = split_training_indices(len(training_base), size, split_seed)
+    size = resolve_train_size(name, len(training_base), options.train_size, PRESETS[name].train_size)
+    train_indices, validation_indices = split_training_indices(len(training_base), size, options.split_seed)
     return DataSplits(
         name=name,
         train=TransformedSubset(training_base, train_indices, pipelines.training),

@@ -22,6 +22,7 @@ from typing import Iterator
 from scipy.io.matlab import MatReadError
 from torchvision.datasets import CIFAR10, CIFAR100, SVHN
 
+from source.data.options import DataOptions
 from source.data.splits import DataSplits, class_index, image_classification_splits
 from source.data.transforms import dataset_image_pipelines
 from source.errors import UserError
@@ -67,44 +68,25 @@ class _SVHNFiles(SVHN):
         return (Path(self.root) / self.filename).is_file()
 
 
-def build_cifar10(root: Path, **options) -> DataSplits:
-    """CIFAR-10 (50,000 training / 10,000 test images, 10 classes); options as in build_datasets."""
-    return _build_cifar("cifar10", "CIFAR-10", _CIFAR10Files, root, num_classes=10, **options)
+def build_cifar10(root: Path, options: DataOptions) -> DataSplits:
+    """CIFAR-10 (50,000 training / 10,000 test images, 10 classes)."""
+    return _build_cifar("cifar10", "CIFAR-10", _CIFAR10Files, root, options, num_classes=10)
 
 
-def build_cifar100(root: Path, **options) -> DataSplits:
-    """CIFAR-100 (50,000 / 10,000 images, 100 fine-label classes); options as in build_datasets."""
-    return _build_cifar("cifar100", "CIFAR-100", _CIFAR100Files, root, num_classes=100, **options)
+def build_cifar100(root: Path, options: DataOptions) -> DataSplits:
+    """CIFAR-100 (50,000 / 10,000 images, 100 fine-label classes)."""
+    return _build_cifar("cifar100", "CIFAR-100", _CIFAR100Files, root, options, num_classes=100)
 
 
 def _build_cifar(
-    name: str,
-    title: str,
-    reader: type[CIFAR10],
-    root: Path,
-    *,
-    num_classes: int,
-    download: bool,
-    train_size: int | None,
-    split_seed: int,
-    augment: bool,
-    crop_padding: int | None,
-    image_size: int | None,
-    normalization: str | None,
+    name: str, title: str, reader: type[CIFAR10], root: Path, options: DataOptions, *, num_classes: int
 ) -> DataSplits:
     """CIFAR-10 or CIFAR-100 read by ``reader`` from root/<reader.base_folder>."""
-    pipelines = dataset_image_pipelines(
-        name,
-        augment=augment,
-        crop_padding=crop_padding,
-        image_size=image_size,
-        normalization=normalization,
-        native_size=_NATIVE_SIZE,
-    )
+    pipelines = dataset_image_pipelines(name, options, native_size=_NATIVE_SIZE)
     folder = root / reader.base_folder
     expected = [file_name for file_name, _ in reader.train_list + reader.test_list] + [reader.meta["filename"]]
     missing = [file_name for file_name in expected if not (folder / file_name).is_file()]
-    if missing and not download:
+    if missing and not options.download:
         raise UserError(
             f"{title} files missing: put {', '.join(missing)} into {folder} (unpack {reader.filename} "
             f"from {_CIFAR_SOURCE} into {root}), or set data.download = True"
@@ -113,42 +95,19 @@ def _build_cifar(
         training_base = reader(root, train=True, target_transform=class_index, download=bool(missing))
         test = reader(root, train=False, transform=pipelines.evaluation, target_transform=class_index)
     return image_classification_splits(
-        name,
-        training_base,
-        test,
-        pipelines=pipelines,
-        num_classes=num_classes,
-        train_size=train_size,
-        split_seed=split_seed,
+        name, training_base, test, pipelines=pipelines, num_classes=num_classes, options=options
     )
 
 
-def build_svhn(
-    root: Path,
-    *,
-    download: bool,
-    train_size: int | None,
-    split_seed: int,
-    augment: bool,
-    crop_padding: int | None,
-    image_size: int | None,
-    normalization: str | None,
-) -> DataSplits:
+def build_svhn(root: Path, options: DataOptions) -> DataSplits:
     """SVHN cropped digits (73,257 training / 26,032 test images, 10 classes, label 10 read as 0).
 
     The test split is test_32x32.mat. The 'extra' file is not used, as in the paper.
     """
-    pipelines = dataset_image_pipelines(
-        "svhn",
-        augment=augment,
-        crop_padding=crop_padding,
-        image_size=image_size,
-        normalization=normalization,
-        native_size=_NATIVE_SIZE,
-    )
+    pipelines = dataset_image_pipelines("svhn", options, native_size=_NATIVE_SIZE)
     folder = _svhn_folder(root)
     missing = [file_name for file_name in _SVHN_FILES.values() if not (folder / file_name).is_file()]
-    if missing and not download:
+    if missing and not options.download:
         raise UserError(
             f"SVHN files missing: put {', '.join(missing)} (from {_SVHN_SOURCE}) into {folder}, "
             f"or set data.download = True"
@@ -159,7 +118,7 @@ def build_svhn(
             folder, split="test", transform=pipelines.evaluation, target_transform=class_index, download=bool(missing)
         )
     return image_classification_splits(
-        "svhn", training_base, test, pipelines=pipelines, num_classes=10, train_size=train_size, split_seed=split_seed
+        "svhn", training_base, test, pipelines=pipelines, num_classes=10, options=options
     )
 
 

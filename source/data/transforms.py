@@ -22,6 +22,7 @@ from typing import Callable
 
 from torchvision import transforms
 
+from source.data.options import DataOptions
 from source.data.presets import PRESETS
 from source.errors import UserError
 
@@ -109,18 +110,11 @@ class ImagePipelines:
     input_shape: tuple[int, int, int]
 
 
-def dataset_image_pipelines(
-    name: str,
-    *,
-    augment: bool,
-    crop_padding: int | None,
-    image_size: int | None,
-    normalization: str | None,
-    native_size: int | None = None,
-) -> ImagePipelines:
+def dataset_image_pipelines(name: str, options: DataOptions, *, native_size: int | None = None) -> ImagePipelines:
     """Transforms of the RGB image data set ``name``, options left None taken from its preset."""
     preset = PRESETS[name]
-    size = preset.image_size if image_size is None else image_size
+    crop_padding = options.crop_padding
+    size = preset.image_size if options.image_size is None else options.image_size
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise UserError(f"image_size must be a positive whole number of pixels, got {size!r}; set data.image_size")
     if crop_padding is not None:
@@ -131,11 +125,13 @@ def dataset_image_pipelines(
                 f"crop_padding applies to images of at most {SMALL_IMAGE_MAX_SIZE} pixels, but image_size is "
                 f"{size} (RandomResizedCrop pipeline); leave data.crop_padding unset"
             )
-    mean, std = normalization_constants(preset.normalization if normalization is None else normalization, 3)
+    mean, std = normalization_constants(
+        preset.normalization if options.normalization is None else options.normalization, 3
+    )
     training, evaluation = image_transforms(
         image_size=size,
         crop_padding=preset.crop_padding if crop_padding is None else crop_padding,
-        augment=augment,
+        augment=options.augment,
         mean=mean,
         std=std,
         native_size=native_size,
