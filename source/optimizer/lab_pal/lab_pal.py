@@ -340,7 +340,7 @@ class LabPal(Optimizer):
         group = self.param_groups[0]
         multiplier = progress["multiplier"]
         params = self._params()
-        loss = self._loss_with_gradient(closure, params)
+        loss = self._loss_with_gradient(closure)
         params_with_grad = [p for p in params if p.grad is not None]
         gradients = [p.grad for p in params_with_grad]
         if multiplier > 1:
@@ -407,7 +407,7 @@ class LabPal(Optimizer):
             if batch_index == 0:
                 self._begin_measurement(params)
             if batch_index < multiplier:
-                loss = self._loss_with_gradient(closure, params)
+                loss = self._loss_with_gradient(closure)
                 self._accumulate_direction_batch(params, loss, closure)
                 progress["measurement_batches"] += 1
                 if batch_index == multiplier - 1:
@@ -571,9 +571,8 @@ class LabPal(Optimizer):
             state[name] = torch.zeros_like(param, memory_format=torch.preserve_format)
         return state[name]
 
-    def _loss_with_gradient(self, closure, params) -> torch.Tensor:
-        for p in params:
-            p.grad = None
+    def _loss_with_gradient(self, closure) -> torch.Tensor:
+        self.zero_grad(set_to_none=True)
         with torch.enable_grad():
             loss = closure()
             loss.backward()
