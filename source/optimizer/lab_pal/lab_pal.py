@@ -1,5 +1,6 @@
 """LABPAL: the Large-Batch Parabolic Approximation Line Search optimizer."""
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -461,7 +462,7 @@ class LabPal(Optimizer):
         derivative = -_global_dot(mean_gradient, directions) / torch.clamp_min(norm, torch.finfo(norm.dtype).tiny)
         norm_value, derivative_value = torch.stack([norm, derivative]).tolist()
         self._progress["direction_norm"] = norm_value
-        if not torch.isfinite(torch.tensor(norm_value)):
+        if not math.isfinite(norm_value):
             return f"direction norm is {norm_value}"
         if not group["min_direction_norm"] <= norm_value <= group["max_direction_norm"]:
             return (
@@ -493,7 +494,7 @@ class LabPal(Optimizer):
         batch_count = progress["measurement_batches"]
         loss_0, loss_h, loss_mu = (progress["line_losses"] / batch_count).tolist()
         parabola = fit_parabola((0.0, group["derivative_step"], group["sample_step"]), (loss_0, loss_h, loss_mu))
-        finite = all(map(_is_finite, (loss_0, loss_h, loss_mu)))
+        finite = all(map(math.isfinite, (loss_0, loss_h, loss_mu)))
         if not finite:
             failure = f"non-finite line loss ({loss_0}, {loss_h}, {loss_mu})"
         elif not parabola.curvature > 0:
@@ -616,10 +617,6 @@ def _global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 def _global_dot(first: list[torch.Tensor], second: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([torch.sum(a * b) for a, b in zip(first, second)]).sum()
-
-
-def _is_finite(value: float) -> bool:
-    return value == value and abs(value) != float("inf")
 
 
 def _autocast_disabled(device: torch.device):
