@@ -456,7 +456,9 @@ def train_steps(model, optimizer, batches):
 
 
 @pytest.mark.parametrize("mode, momentum", [("NSGD", 0.0), ("SGD", 0.9)])
-@pytest.mark.parametrize("split", [13, 19, 30, 33])  # training, measuring, measuring with k = 2, k = 2 training
+# Splits after: a training step; a measurement's line batches (k = 1); the first of the two
+# direction batches of a k = 2 measurement; its line batches; the middle of a k = 2 training batch.
+@pytest.mark.parametrize("split", [13, 16, 28, 30, 34])
 def test_resuming_from_state_dict_continues_bitwise(mode, momentum, split):
     batches = image_batches(48, seed=3)
     arguments = dict(
@@ -489,6 +491,26 @@ def test_resuming_from_state_dict_continues_bitwise(mode, momentum, split):
     assert fresh.summary == uninterrupted.summary
     for expected, actual in zip(model.state_dict().values(), fresh_model.state_dict().values()):
         assert torch.equal(expected, actual)
+
+
+def test_state_saved_between_direction_batches_holds_them_only_for_batch_closures():
+    theta, _, _, loss = quadratic_problem(seed=16)
+    arguments = few_updates(batch_size_schedule=((0, 3),))
+    optimizer = LabPal([theta], **arguments)
+    run(optimizer, loss, 2)  # two of the three direction batches of the first measurement
+    state = optimizer.state_dict()
+    assert state["lab_pal"]["pending_batches"] is None  # plain closures cannot be saved
+    restarted = LabPal([nn.Parameter(theta.detach().clone())], **arguments)
+    restarted.load_state_dict(state)
+    assert restarted.state_dict()["lab_pal"]["measurement_batches"] == 0
+
+    model = LinearRegression()
+    batches = regression_batches(2, 4)
+    optimizer = LabPal(model.parameters(), **arguments)
+    for inputs, targets in batches:
+        optimizer.step(make_batch_closure(model, nn.MSELoss(), inputs, targets))
+    saved = optimizer.state_dict()["lab_pal"]["pending_batches"]
+    assert [torch.equal(state["inputs"], inputs) for state, (inputs, _) in zip(saved, batches)] == [True, True]
 
 
 def test_state_dict_round_trip_keeps_counters_history_and_phase():

@@ -46,7 +46,8 @@ class BatchClosure:
             self.outputs = outputs.detach()
             return loss
         saved_cpu_state = torch.get_rng_state()
-        saved_cuda_state = torch.cuda.get_rng_state(self.device) if self._uses_cuda else None
+        replays_cuda = self._uses_cuda and self._cuda_rng_state is not None
+        saved_cuda_state = torch.cuda.get_rng_state(self.device) if replays_cuda else None
         try:
             torch.set_rng_state(self._cpu_rng_state)
             if saved_cuda_state is not None:
@@ -57,6 +58,22 @@ class BatchClosure:
             if saved_cuda_state is not None:
                 torch.cuda.set_rng_state(saved_cuda_state, self.device)
         return loss
+
+    def batch_state(self) -> dict:
+        """This closure's batch and random state, for a checkpoint."""
+        return {
+            "inputs": self.inputs,
+            "targets": self.targets,
+            "cpu_rng_state": self._cpu_rng_state,
+            "cuda_rng_state": self._cuda_rng_state,
+        }
+
+    def for_batch(self, batch_state: dict) -> "BatchClosure":
+        """A closure over this one's model, loss and device that replays a saved ``batch_state``."""
+        closure = BatchClosure(self.model, self.loss_function, batch_state["inputs"], batch_state["targets"], self.device)
+        closure._cpu_rng_state = batch_state["cpu_rng_state"]
+        closure._cuda_rng_state = batch_state["cuda_rng_state"]
+        return closure
 
     @property
     def _uses_cuda(self) -> bool:

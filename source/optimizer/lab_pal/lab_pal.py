@@ -16,6 +16,7 @@ from .batch_schedule import (
     scale_batch_size_schedule,
     validate_batch_size_schedule,
 )
+from .closure import BatchClosure
 from .parabola import fit_parabola
 
 __all__ = ["LabPal", "LabPalSummary"]
@@ -115,7 +116,8 @@ class LabPal(Optimizer):
     Memory: one copy of the parameters (the line origin) and one of the direction
     during a measurement; a momentum buffer when momentum > 0; a gradient sum
     when k > 1; and the k closures of the direction batches (their batches stay
-    where the caller made them; one at a time is moved to the device).
+    where the caller made them; one at a time is moved to the device), which a
+    state saved during those k steps also holds.
 
     All parameters must share one device and dtype (they are updated by one fused
     kernel). ``param_groups[0]["lr"]`` is the current effective learning rate: a float in
@@ -198,6 +200,7 @@ class LabPal(Optimizer):
             )
         self._buffers = list(buffers) if buffers is not None else []
         self._pending_closures = []
+        self._saved_pending_batches = []  # from load_state_dict, rebound to the next closure's model
         self._progress = _initial_progress()
         self._skipped_updates = None  # counted on the device, so training never waits for the host
 
@@ -262,9 +265,11 @@ class LabPal(Optimizer):
     def state_dict(self) -> dict:
         """The optimizer state including LABPAL's counters, history, schedule position and phase.
 
-        Saved while a measurement with k > 1 is still gathering its direction
-        batches, the resumed optimizer starts that measurement afresh: closures
-        cannot be saved.
+        While a measurement with k > 1 gathers its direction batches, the state
+        holds those batches (from closures made by ``make_batch_closure``), and the
+        resumed optimizer replays them through the model and loss of the first
+        closure it is given. Plain closures cannot be saved: the resumed optimizer
+        then starts that measurement afresh.
         """
         state = super().state_dict()
         for group in state["param_groups"]:
@@ -274,7 +279,9 @@ class LabPal(Optimizer):
             for key, value in self._progress.items()
         }
         progress["skipped_updates"] = self._skipped_update_count()
-        progress["pending_closures"] = len(self._pending_closures)
+        pending = self._pending_closures
+        saveable = all(isinstance(closure, BatchClosure) for closure in pending)
+        progress["pending_batches"] = [closure.batch_state() for closure in pending] if saveable else None
         state["lab_pal"] = progress
         return state
 
@@ -283,7 +290,7 @@ class LabPal(Optimizer):
         state_dict = dict(state_dict)
         progress = dict(state_dict.pop("lab_pal"))
         skipped_updates = progress.pop("skipped_updates")
-        pending_closures = progress.pop("pending_closures")
+        pending_batches = progress.pop("pending_batches")
         super().load_state_dict(state_dict)
         progress["step_size_history"] = list(progress["step_size_history"])
         progress["learning_rate_history"] = list(progress["learning_rate_history"])
@@ -294,9 +301,10 @@ class LabPal(Optimizer):
         self._progress = progress
         self._skipped_updates = None
         self._pending_closures = []
+        self._saved_pending_batches = pending_batches or []
         if skipped_updates:
             self._count_skipped(torch.tensor(float(skipped_updates), device=device))
-        if pending_closures:
+        if pending_batches is None:
             self._restart_measurement()
 
     # ------------------------------------------------------------------ step
@@ -307,6 +315,8 @@ class LabPal(Optimizer):
         if closure is None:
             raise ValueError("Invalid closure: None; LabPal.step needs a closure (see make_batch_closure)")
         progress = self._progress
+        if self._saved_pending_batches:
+            self._rebind_saved_batches(closure)
         if self._at_update_boundary():
             self._follow_schedule_and_plan()
         if progress["phase"] == MEASURING:
@@ -315,6 +325,14 @@ class LabPal(Optimizer):
             loss = self._training_step(closure)
         progress["steps"] += 1
         return loss
+
+    def _rebind_saved_batches(self, closure) -> None:
+        """Turn the direction batches of a loaded state back into closures, like ``closure``."""
+        if isinstance(closure, BatchClosure):
+            self._pending_closures = [closure.for_batch(state) for state in self._saved_pending_batches]
+        else:
+            self._restart_measurement()
+        self._saved_pending_batches = []
 
     def _at_update_boundary(self) -> bool:
         progress = self._progress
