@@ -113,7 +113,7 @@ def run(arguments):
     if run_folder.metrics_path.exists() and run_folder.metrics_path.stat().st_size:
         claim_plot_folder(plot_folder, run_folder.path)
         plot_files = plot_runs(
-            [PlottedRun(configuration["optimizer"]["name"], run_folder.metrics_path)],
+            [PlottedRun(configuration["experiment"]["name"], run_folder.metrics_path)],
             plot_folder,
             dataset=configuration["data"]["name"],
             model=configuration["model"]["name"],
