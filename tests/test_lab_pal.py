@@ -619,19 +619,32 @@ def test_parameters_on_several_dtypes_are_rejected():
         LabPal([nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2, dtype=torch.float64))])
 
 
-def test_summary_is_logged_to_tensorboard(tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from torch.utils.tensorboard import SummaryWriter
-
+def test_log_values_count_passes_and_events_report_each_measurement_once():
     theta, _, _, loss = quadratic_problem(seed=15)
     optimizer = LabPal([theta], **few_updates())
     run(optimizer, loss, 4)
-    with SummaryWriter(tmp_path) as writer:
-        optimizer.log_summary(writer, 4)
-    events = EventAccumulator(str(tmp_path))
-    events.Reload()
-    tags = events.Tags()["scalars"]
-    for tag in ("lab_pal/measured_step", "lab_pal/training_batch_size", "lab_pal/failed_measurements"):
-        assert tag in tags
-    assert events.Scalars("lab_pal/measured_step")[0].value == pytest.approx(optimizer.summary.last_measured_step)
-    assert math.isclose(events.Scalars("lab_pal/training_batch_size")[0].value, 128)
+    # Steps 0 and 1 measure over two batches: the direction batch with a backward pass, every
+    # batch at 0 (the direction batch's training pass counts there), h and μ; steps 2 and 3 train.
+    values = optimizer.log_values()
+    assert values["forward_passes"] == 1 + 2 + 3 + 2 and values["backward_passes"] == 1 + 2
+    assert values["training_batch_size"] == 128 and values["measurements"] == 1
+    assert values["learning_rate"] == pytest.approx(optimizer.summary.learning_rate)
+    (event,) = optimizer.take_events()
+    assert event == {
+        "event": "measurement",
+        "learning_rate": optimizer.summary.last_measured_learning_rate,
+        "step_size": optimizer.summary.last_measured_step,
+    }
+    assert optimizer.take_events() == []
+
+
+def test_a_failed_measurement_is_an_event_with_its_reason():
+    theta = nn.Parameter(torch.zeros(3))
+
+    def increasing_line():  # gradient 0: no direction to measure along
+        return (theta * 0.0).sum() + 1.0
+
+    optimizer = LabPal([theta], **few_updates())
+    run(optimizer, increasing_line, 1)
+    (event,) = optimizer.take_events()
+    assert event["event"] == "failure" and "direction norm 0 outside" in event["reason"]

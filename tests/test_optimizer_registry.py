@@ -45,7 +45,7 @@ def test_torch_optimizers_take_their_own_arguments():
 @pytest.mark.parametrize(
     "name, arguments, message",
     [
-        ("labpal", {}, "unknown optimizer 'labpal' (did you mean 'lab_pal'?); valid optimizers: adam,"),
+        ("labpal", {}, "unknown optimizer 'labpal' (did you mean 'lab_pal'?); valid optimizers: adagrad, adam,"),
         ("lab_pal", {"step_adaption": 2.0}, "unknown argument 'step_adaption' for optimizer 'lab_pal' (did you mean 'step_adaptation'?); accepted: mode,"),
         ("lab_pal", {"buffers": None}, "unknown argument 'buffers'"),
         ("lab_pal", {"momentum": 1.5}, "optimizer 'lab_pal': Invalid momentum: 1.5; it must be in [0, 1)"),

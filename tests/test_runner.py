@@ -82,7 +82,12 @@ def test_main_runs_a_tiny_experiment_and_writes_everything(workspace, capsys):
     assert [record["step"] for record in by_split["training"]] == [5, 10, 15, 20]
     assert [record["step"] for record in by_split["validation"]] == [10, 20, 24]
     assert len(by_split["test"]) == 1 and by_split["test"][0]["step"] == 24
-    assert set(by_split["training"][0]) == {"step", "split", "loss", "accuracy", "learning_rate"}
+    assert {"step", "split", "loss", "accuracy", "learning_rate", "step_size", "training_batch_size",
+            "forward_passes", "backward_passes", "measurements"} <= set(by_split["training"][-1])
+    assert by_split["training"][-1]["backward_passes"] < by_split["training"][-1]["forward_passes"]
+    measurements = [record for record in records if record["split"] == "event" and record["event"] == "measurement"]
+    assert measurements and measurements[0]["learning_rate"] > 0
+    assert by_split["test"][0]["forward_passes"] >= by_split["training"][-1]["forward_passes"]
     assert 0.0 <= by_split["test"][0]["accuracy"] <= 1.0
     assert by_split["test"][0]["best_step"] in (10, 20, 24)
     assert {
@@ -92,7 +97,9 @@ def test_main_runs_a_tiny_experiment_and_writes_everything(workspace, capsys):
         "validation/loss",
         "validation/accuracy",
         "test/accuracy",
-        "lab_pal/training_batch_size",
+        "training/training_batch_size",
+        "training/step_size",
+        "measurement/learning_rate",
     } <= _scalar_tags(folder)
     last = torch.load(folder / "last.pt", weights_only=True)
     best = torch.load(folder / "best.pt", weights_only=True)

@@ -1,4 +1,8 @@
-"""Optimizers by name: LABPAL and torch's own, built from a name and keyword arguments."""
+"""Optimizers by name: the line searches (LABPAL and its baselines) and torch's own.
+
+Line searches follow the ``LineSearch`` protocol of ``line_search.py``; the trainer knows them
+only through it. Adding one means adding its file and a line in ``OPTIMIZERS``.
+"""
 
 import difflib
 import inspect
@@ -7,8 +11,18 @@ import torch
 
 from ..errors import UserError
 from .lab_pal import LabPal, make_batch_closure
+from .line_search import MEAN_LOSS, SAMPLE_LOSSES, LineSearch
 
-__all__ = ["OPTIMIZERS", "LabPal", "accepted_arguments", "build_optimizer", "make_batch_closure"]
+__all__ = [
+    "MEAN_LOSS",
+    "OPTIMIZERS",
+    "SAMPLE_LOSSES",
+    "LabPal",
+    "LineSearch",
+    "accepted_arguments",
+    "build_optimizer",
+    "make_batch_closure",
+]
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "lab_pal": LabPal,
@@ -16,16 +30,23 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam,
     "adamw": torch.optim.AdamW,
     "rmsprop": torch.optim.RMSprop,
+    "adagrad": torch.optim.Adagrad,
 }
 
-# Filled in from the model and the data, never by the user.
-_AUTOMATIC_ARGUMENTS = {"params", "buffers", "training_set_size", "inference_batch_size"}
+# Filled in from the model and the data, never by the user, for every class whose constructor
+# takes them: the model's buffers (restored after evaluations away from the iterate) and the
+# sizes behind LABPAL's noise adaptation factor and SLS's epoch length.
+_AUTOMATIC_ARGUMENTS = ("buffers", "training_set_size", "inference_batch_size")
 
 
 def accepted_arguments(name: str) -> list[str]:
     """The keyword arguments a user may give the optimizer ``name``."""
     signature = inspect.signature(_optimizer_class(name).__init__)
-    return [argument for argument in signature.parameters if argument not in _AUTOMATIC_ARGUMENTS | {"self"}]
+    return [
+        argument
+        for argument in signature.parameters
+        if argument not in (*_AUTOMATIC_ARGUMENTS, "self", "params")
+    ]
 
 
 def build_optimizer(
@@ -38,8 +59,8 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """Build optimizer ``name`` for ``model`` with the user's ``arguments``.
 
-    LABPAL also gets the model's buffers (restored after its measurements) and the
-    training-set and inference-batch sizes for its noise adaptation factor.
+    Classes that take them also get the model's buffers and the training-set and
+    inference-batch sizes.
     """
     optimizer_class = _optimizer_class(name)
     accepted = accepted_arguments(name)
@@ -50,13 +71,13 @@ def build_optimizer(
             raise UserError(
                 f"unknown argument {argument!r} for optimizer {name!r}{hint}; accepted: {', '.join(accepted)}"
             )
-    automatic = {}
-    if optimizer_class is LabPal:
-        automatic = dict(
-            buffers=model.buffers(),
-            training_set_size=training_set_size,
-            inference_batch_size=inference_batch_size,
-        )
+    available = dict(
+        buffers=model.buffers(),
+        training_set_size=training_set_size,
+        inference_batch_size=inference_batch_size,
+    )
+    takes = inspect.signature(optimizer_class.__init__).parameters
+    automatic = {argument: value for argument, value in available.items() if argument in takes}
     try:
         return optimizer_class(model.parameters(), **arguments, **automatic)
     except (ValueError, TypeError) as error:

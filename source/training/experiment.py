@@ -12,7 +12,7 @@ import torch
 from source.data import build_datasets
 from source.errors import UserError
 from source.models import build_model
-from source.optimizer import build_optimizer
+from source.optimizer import LineSearch, build_optimizer
 from source.training.losses import choose_loss
 from source.training.schedules import build_schedule
 
@@ -38,9 +38,9 @@ class Experiment:
     evaluate_every_steps: int
 
     @property
-    def takes_forward_closure(self):
-        """Whether the optimizer evaluates the batch itself through a closure (LABPAL)."""
-        return getattr(self.optimizer, "takes_forward_closure", False)
+    def is_line_search(self):
+        """Whether the optimizer evaluates the batches itself through closures (``LineSearch``)."""
+        return isinstance(self.optimizer, LineSearch)
 
 
 def resolve_device(name):

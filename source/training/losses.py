@@ -1,27 +1,48 @@
-"""Loss functions by the [training] loss key: mean over the batch of (outputs, targets)."""
+"""Loss functions by the [training] loss key: mean over the batch of (outputs, targets).
+
+Each also gives one loss per sample with ``reduction="per_sample"`` (the probabilistic line
+search needs their spread); the mean of those is the batch loss.
+"""
+
+import functools
 
 import torch.nn.functional as functional
 
 from source.errors import UserError
+from source.optimizer import MEAN_LOSS, SAMPLE_LOSSES
 
-__all__ = ["choose_loss"]
+__all__ = ["choose_loss", "with_reduction"]
 
 _AUTOMATIC = {"classification": "cross_entropy", "regression": "mean_squared_error"}
 
 
-def cross_entropy(outputs, targets):
+def _reduced(loss, outputs, targets, reduction):
+    """torch's own mean of ``loss``, or its mean per sample (over all but the batch dimension)."""
+    if reduction == MEAN_LOSS:
+        return loss(outputs, targets)
+    losses = loss(outputs, targets, reduction="none")
+    return losses.flatten(1).mean(1) if losses.dim() > 1 else losses
+
+
+def cross_entropy(outputs, targets, reduction=MEAN_LOSS):
     """Softmax cross-entropy of class scores against class indices."""
-    return functional.cross_entropy(outputs, targets)
+    return _reduced(functional.cross_entropy, outputs, targets, reduction)
 
 
-def mean_squared_error(outputs, targets):
+def mean_squared_error(outputs, targets, reduction=MEAN_LOSS):
     """Squared error against regression targets of the outputs' shape."""
-    return functional.mse_loss(outputs, targets)
+    return _reduced(functional.mse_loss, outputs, targets, reduction)
 
 
-def mean_squared_error_to_one_hot(outputs, targets):
+def mean_squared_error_to_one_hot(outputs, targets, reduction=MEAN_LOSS):
     """Squared error of class scores against one-hot class indices (MSE for classification)."""
-    return functional.mse_loss(outputs, functional.one_hot(targets, outputs.shape[1]).to(outputs.dtype))
+    one_hot = functional.one_hot(targets, outputs.shape[1]).to(outputs.dtype)
+    return _reduced(functional.mse_loss, outputs, one_hot, reduction)
+
+
+def with_reduction(loss_function, reduction):
+    """``loss_function`` giving the batch's mean loss (``MEAN_LOSS``) or per-sample losses (``SAMPLE_LOSSES``)."""
+    return loss_function if reduction == MEAN_LOSS else functools.partial(loss_function, reduction=reduction)
 
 
 def choose_loss(name, task):

@@ -1,10 +1,14 @@
 """The run's metric records: a JSON-lines file for plots and scripts, and TensorBoard scalars.
 
 Each line of the metrics file is one record: {"step": int, "split": "training" | "validation" |
-"test", then the metric names and values}. Training records carry loss, accuracy (or rmse) and
-learning_rate; validation records loss, accuracy (or rmse), epoch and elapsed_seconds; the test
-record loss, accuracy (or rmse) and best_step, the step of the checkpoint it evaluated. The same
-values go to TensorBoard as "<split>/<metric>" (e.g. validation/accuracy).
+"test", then the metric names and values}. Training records carry loss, accuracy (or rmse),
+learning_rate, training_batch_size, forward_passes and backward_passes (totals since step 0) and
+a line search's own numbers (step_size, measurements, ...); validation records loss, accuracy (or rmse), epoch and elapsed_seconds; the test
+record loss, accuracy (or rmse), best_step (the step of the checkpoint it evaluated),
+elapsed_seconds and the passes. The metric values go to TensorBoard as "<split>/<metric>" (e.g.
+validation/accuracy). Event records ({"step", "split": "event", "event": name, ...}) are a line
+search's measurements and failures; their numbers go to TensorBoard as "<event>/<key>" (e.g.
+measurement/learning_rate) and a failure's reason as text.
 """
 
 import json
@@ -50,6 +54,18 @@ class MetricsLog:
         if self.writer is not None:
             for name, value in values.items():
                 self.writer.add_scalar(f"{split}/{name}", value, step)
+
+    def write_event(self, step, event):
+        """Append one event record (``event`` holds its name under "event" and plain values)."""
+        self._file.write(json.dumps({"step": step, "split": "event", **event}) + "\n")
+        self._file.flush()
+        if self.writer is not None:
+            name = event["event"]
+            for key, value in event.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(f"{name}/{key}", value, step)
+                elif key != "event":
+                    self.writer.add_text(f"{name}/{key}", str(value), step)
 
     def offset(self):
         """The file's length in bytes: where a resume from a checkpoint taken now continues."""

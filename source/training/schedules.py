@@ -10,6 +10,7 @@ from torch.optim import lr_scheduler
 
 from source.configuration.checks import did_you_mean
 from source.errors import UserError
+from source.optimizer import LineSearch
 
 __all__ = ["NO_SCHEDULE", "available_schedules", "build_schedule"]
 
@@ -46,13 +47,13 @@ def build_schedule(name, optimizer, arguments):
     """Build schedule ``name`` for ``optimizer`` with ``arguments``; None for "none".
 
     Unknown or missing arguments and values the class rejects raise ``UserError`` listing what it
-    accepts. A closure optimizer such as LABPAL sets its own learning rate and takes no schedule.
+    accepts. A line search such as LABPAL sets its own learning rate and takes no schedule.
     """
     if name == NO_SCHEDULE:
         if arguments:
             raise UserError(f"arguments {', '.join(arguments)} given, but the schedule is none")
         return None
-    if getattr(optimizer, "takes_forward_closure", False):
+    if isinstance(optimizer, LineSearch):
         raise UserError(
             f"{type(optimizer).__name__} sets its own learning rate; use name = none instead of {name}"
         )

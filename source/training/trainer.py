@@ -7,10 +7,12 @@ validation accuracy (lowest RMSE for regression; ties go to the lower validation
 matters on small validation sets that many checkpoints classify perfectly) is kept, and at the
 end it is evaluated on the test split.
 
-Optimizers come in two kinds. Closure optimizers (class attribute ``takes_forward_closure``,
-such as LABPAL) get a forward-only closure over the CPU batch and do everything else; the trainer
-reads the training outputs from ``closure.outputs``. Plain torch.optim optimizers get zero_grad,
-forward, backward, step, and then the schedule steps once per training step.
+Optimizers come in two kinds. Line searches (``source.optimizer.LineSearch``: LABPAL, PAL, SLS,
+GOLS-I, PLS) get a forward-only closure over the CPU batch and do everything else; the trainer
+reads the training outputs from ``closure.outputs``, their numbers from ``log_values()`` at log
+intervals and their measurements and failures from ``take_events()`` after every step. Plain
+torch.optim optimizers get zero_grad, forward, backward, step, and then the schedule steps once
+per training step; they make one forward and one backward pass per step.
 """
 
 import contextlib
@@ -27,6 +29,7 @@ from source.optimizer import make_batch_closure
 from source.training.checkpoints import capture_random_state, load_checkpoint, restore_random_state, save_atomically
 from source.training.data_order import evaluation_loader, training_loader
 from source.training.evaluation import RunningMetrics, evaluate, quality_metric
+from source.training.losses import with_reduction
 from source.training.metrics_log import MetricsLog
 
 __all__ = ["RunOutcome", "Trainer"]
@@ -142,8 +145,8 @@ class Trainer:
         experiment = self.experiment
         log_now = (self.step + 1) % self.logging["log_every_steps"] == 0
         loss, outputs, targets = self._optimize(inputs, targets)
-        # The learning rate this step used; a schedule moves it on for the next step.
-        learning_rate = float(experiment.optimizer.param_groups[0]["lr"]) if log_now else None
+        # What this step used, read before a schedule moves the learning rate on for the next step.
+        optimizer_values = self._optimizer_values(self.step + 1) if log_now else None
         if experiment.schedule is not None:
             experiment.schedule.step()
         self.window.add(loss, outputs, targets)
@@ -151,8 +154,10 @@ class Trainer:
         self.step += 1
         self.steps_this_session += 1
         bar.update()
+        if experiment.is_line_search:
+            self._log_events(experiment.optimizer.take_events())
         if log_now:
-            self._log_training(learning_rate, bar)
+            self._log_training(optimizer_values, bar)
         if self.step % experiment.evaluate_every_steps == 0 or self.step == self.training["training_steps"]:
             self._evaluate_and_checkpoint()
 
@@ -160,9 +165,10 @@ class Trainer:
         """One optimizer step on one batch; returns the batch's loss, model outputs and device targets."""
         experiment = self.experiment
         model, optimizer, device = experiment.model, experiment.optimizer, experiment.device
-        if experiment.takes_forward_closure:
+        if experiment.is_line_search:
             # The closure moves the CPU batch to the device itself, each time it is evaluated.
-            closure = make_batch_closure(model, experiment.loss_function, inputs, targets, device)
+            loss_function = with_reduction(experiment.loss_function, optimizer.closure_loss)
+            closure = make_batch_closure(model, loss_function, inputs, targets, device)
             loss = optimizer.step(closure)
             return loss, closure.outputs, targets.to(device, non_blocking=True)
         inputs = inputs.to(device, non_blocking=True)
@@ -176,13 +182,34 @@ class Trainer:
 
     # ------------------------------------------------------------------ logging and evaluation
 
-    def _log_training(self, learning_rate, bar):
+    def _optimizer_values(self, steps_done):
+        """The optimizer's numbers after ``steps_done`` steps: learning rate, training batch size, passes, ….
+
+        A line search reports its own (a learning rate of 0 before it has chosen one); a plain
+        optimizer runs on the schedule's learning rate with one forward and backward pass a step.
+        """
+        optimizer = self.experiment.optimizer
+        if self.experiment.is_line_search:
+            return {"learning_rate": 0.0, **optimizer.log_values()}
+        return {
+            "learning_rate": float(optimizer.param_groups[0]["lr"]),
+            "training_batch_size": self.training["batch_size"],
+            "forward_passes": steps_done,
+            "backward_passes": steps_done,
+        }
+
+    def _log_training(self, optimizer_values, bar):
         metrics = self.window.result()
         self.window.reset()
-        self.log.write(self.step, "training", {**metrics, "learning_rate": learning_rate})
-        if self.log.writer is not None and hasattr(self.experiment.optimizer, "log_summary"):
-            self.experiment.optimizer.log_summary(self.log.writer, self.step)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{learning_rate:.3g}", refresh=False)
+        self.log.write(self.step, "training", {**metrics, **optimizer_values})
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{optimizer_values['learning_rate']:.3g}", refresh=False)
+
+    def _log_events(self, events):
+        """Record a line search's measurements and failures; print the reason of each failure."""
+        for event in events:
+            self.log.write_event(self.step, event)
+            if event["event"] == "failure":
+                say(f"step {self.step}: {event['reason']}")
 
     def _evaluate_and_checkpoint(self):
         experiment = self.experiment
@@ -196,7 +223,7 @@ class Trainer:
         )
         training = self.interval.result()
         self.interval.reset()
-        learning_rate = float(experiment.optimizer.param_groups[0]["lr"])
+        learning_rate = self._optimizer_values(self.step)["learning_rate"]
         say(
             f"step {self.step}/{self.training['training_steps']} epoch {epoch:.4g} | "
             f"training {_format_metrics(training)} | validation {_format_metrics(validation)} | "
@@ -230,7 +257,18 @@ class Trainer:
         self.test = evaluate(
             experiment.model, self.test_loader, experiment.loss_function, self.evaluation, experiment.device
         )
-        self.log.write(self.step, "test", self.test, {"best_step": best["step"]})
+        passes = self._optimizer_values(self.step)
+        self.log.write(
+            self.step,
+            "test",
+            self.test,
+            {
+                "best_step": best["step"],
+                "elapsed_seconds": round(self._elapsed(), 3),
+                "forward_passes": passes["forward_passes"],
+                "backward_passes": passes["backward_passes"],
+            },
+        )
         say(
             f"test {_format_metrics(self.test)} with the checkpoint of step {best['step']} "
             f"(best validation {self.quality} {best['validation'][self.quality]:.4f})"

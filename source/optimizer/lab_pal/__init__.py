@@ -6,12 +6,14 @@ from .batch_schedule import (
     noise_adaptation_factor,
     scale_batch_size_schedule,
 )
-from .closure import BatchClosure, make_batch_closure
+from .closure import MEAN_LOSS, SAMPLE_LOSSES, BatchClosure, make_batch_closure
 from .lab_pal import LabPal, LabPalSummary
 from .parabola import Parabola, fit_parabola
 
 __all__ = [
+    "MEAN_LOSS",
     "PAPER_BATCH_SIZE_SCHEDULE",
+    "SAMPLE_LOSSES",
     "BatchClosure",
     "LabPal",
     "LabPalSummary",

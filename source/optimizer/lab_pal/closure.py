@@ -4,6 +4,12 @@ from collections.abc import Callable
 
 import torch
 
+MEAN_LOSS = "mean"
+"""A closure that returns the batch's mean loss, a 0-dim tensor."""
+
+SAMPLE_LOSSES = "per_sample"
+"""A closure that returns one loss per sample, a tensor of shape (b,)."""
+
 
 class BatchClosure:
     """The loss of one bound batch, forward only, repeatable.

@@ -16,7 +16,7 @@ from .batch_schedule import (
     scale_batch_size_schedule,
     validate_batch_size_schedule,
 )
-from .closure import BatchClosure
+from .closure import MEAN_LOSS, BatchClosure
 from .parabola import fit_parabola
 
 __all__ = ["LabPal", "LabPalSummary"]
@@ -132,7 +132,7 @@ class LabPal(Optimizer):
         ...     loss = optimizer.step(closure)
     """
 
-    takes_forward_closure = True
+    closure_loss = MEAN_LOSS
 
     def __init__(
         self,
@@ -203,6 +203,7 @@ class LabPal(Optimizer):
         self._saved_pending_batches = []  # from load_state_dict, rebound to the next closure's model
         self._progress = _initial_progress()
         self._skipped_updates = None  # counted on the device, so training never waits for the host
+        self._events = []
 
     def add_param_group(self, param_group: dict) -> None:
         """Add the single parameter group; LABPAL measures one step along the whole gradient."""
@@ -244,21 +245,32 @@ class LabPal(Optimizer):
             updates=progress["updates"],
         )
 
-    def log_summary(self, writer, global_step: int) -> None:
-        """Write the summary to a TensorBoard ``SummaryWriter`` under ``lab_pal/``."""
+    def log_values(self) -> dict[str, float]:
+        """The numbers a training log records now (reading them synchronises with the device once).
+
+        The learning rate and step size in use (absent before the first successful measurement),
+        the last measured ones, the training batch size, the counts of measurements, failed
+        measurements and skipped updates, and the forward and backward passes since step 0.
+        """
         summary = self.summary
-        scalars = {
-            "measured_step": summary.last_measured_step,
-            "measured_learning_rate": summary.last_measured_learning_rate,
+        values = {
+            "learning_rate": summary.learning_rate,
             "step_size": summary.step_size,
+            "measured_step_size": summary.last_measured_step,
+            "measured_learning_rate": summary.last_measured_learning_rate,
             "training_batch_size": summary.training_batch_size,
             "measurements": summary.measurements,
             "failed_measurements": summary.failed_measurements,
             "skipped_updates": summary.skipped_updates,
+            "forward_passes": self._progress["forward_passes"],
+            "backward_passes": self._progress["backward_passes"],
         }
-        for name, value in scalars.items():
-            if value is not None:
-                writer.add_scalar(f"lab_pal/{name}", value, global_step)
+        return {name: float(value) for name, value in values.items() if value is not None}
+
+    def take_events(self) -> list[dict]:
+        """The measurements and failed measurements since the last call, oldest first."""
+        events, self._events = self._events, []
+        return events
 
     # ------------------------------------------------------------------ state
 
@@ -439,6 +451,7 @@ class LabPal(Optimizer):
                     self._pending_closures = []
             else:
                 loss = closure()
+                progress["forward_passes"] += 1
                 progress["line_losses"][0] += loss.detach()
                 self._measure_on_line(closure, params)
                 progress["measurement_batches"] += 1
@@ -503,6 +516,7 @@ class LabPal(Optimizer):
             torch._foreach_copy_(params, origins)
             torch._foreach_add_(params, directions, alpha=-position / self._progress["direction_norm"])
             self._progress["line_losses"][index] += closure().detach()
+            self._progress["forward_passes"] += 1
         torch._foreach_copy_(params, origins)
         for buffer, saved in zip(self._buffers, saved_buffers):
             buffer.copy_(saved)
@@ -538,13 +552,14 @@ class LabPal(Optimizer):
             learning_rate = sum(progress["learning_rate_history"]) / len(progress["learning_rate_history"])
         progress["step_size"] = step
         directions = [self._state_tensor(p, "direction") for p in params]
+        applied_learning_rate = step / direction_norm if group["mode"] == "NSGD" else learning_rate
+        torch._foreach_add_(params, directions, alpha=-applied_learning_rate)
         if group["mode"] == "NSGD":
-            torch._foreach_add_(params, directions, alpha=-step / direction_norm)
-            group["lr"] = torch.tensor(step / direction_norm, device=params[0].device)
+            group["lr"] = torch.tensor(applied_learning_rate, device=params[0].device)
         else:
-            torch._foreach_add_(params, directions, alpha=-learning_rate)
-            group["lr"] = learning_rate
+            group["lr"] = applied_learning_rate
         progress["updates"] += 1
+        self._events.append({"event": "measurement", "learning_rate": applied_learning_rate, "step_size": step})
         self._end_measurement()
 
     def _finish_failed_measurement(self, failure: str, params) -> None:
@@ -552,6 +567,7 @@ class LabPal(Optimizer):
         progress = self._progress
         progress["failed_measurements"] += 1
         progress["last_failure"] = failure
+        self._events.append({"event": "failure", "reason": f"measurement failed: {failure}"})
         origins = [self._state_tensor(p, "line_origin") for p in params]
         torch._foreach_copy_(params, origins)
         if progress["step_size"] is None:
@@ -595,6 +611,8 @@ class LabPal(Optimizer):
         with torch.enable_grad():
             loss = closure()
             loss.backward()
+        self._progress["forward_passes"] += 1
+        self._progress["backward_passes"] += 1
         return loss
 
     def _count_skipped(self, found_non_finite: torch.Tensor) -> None:
@@ -626,6 +644,8 @@ def _initial_progress() -> dict:
         direction_norm=None,
         line_losses=None,
         training_loss_sum=None,
+        forward_passes=0,
+        backward_passes=0,
     )
 
 
