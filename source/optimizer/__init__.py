@@ -10,15 +10,21 @@ import inspect
 import torch
 
 from ..errors import UserError
+from .gols_i import GolsI
 from .lab_pal import LabPal, make_batch_closure
 from .line_search import MEAN_LOSS, SAMPLE_LOSSES, LineSearch
+from .pal import Pal
+from .sls import Sls
 
 __all__ = [
     "MEAN_LOSS",
     "OPTIMIZERS",
     "SAMPLE_LOSSES",
+    "GolsI",
     "LabPal",
     "LineSearch",
+    "Pal",
+    "Sls",
     "accepted_arguments",
     "build_optimizer",
     "make_batch_closure",
@@ -26,6 +32,9 @@ __all__ = [
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "lab_pal": LabPal,
+    "pal": Pal,
+    "sls": Sls,
+    "gols_i": GolsI,
     "sgd": torch.optim.SGD,
     "adam": torch.optim.Adam,
     "adamw": torch.optim.AdamW,
