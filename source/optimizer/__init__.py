@@ -14,6 +14,7 @@ from .gols_i import GolsI
 from .lab_pal import LabPal, make_batch_closure
 from .line_search import MEAN_LOSS, SAMPLE_LOSSES, LineSearch
 from .pal import Pal
+from .pls import Pls
 from .sls import Sls
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "LabPal",
     "LineSearch",
     "Pal",
+    "Pls",
     "Sls",
     "accepted_arguments",
     "build_optimizer",
@@ -33,6 +35,7 @@ __all__ = [
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "lab_pal": LabPal,
     "pal": Pal,
+    "pls": Pls,
     "sls": Sls,
     "gols_i": GolsI,
     "sgd": torch.optim.SGD,

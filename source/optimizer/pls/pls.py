@@ -1,0 +1,492 @@
+"""PLS: the probabilistic line search of Mahsereci and Hennig."""
+
+import math
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from torch.optim import Optimizer
+
+from ..lab_pal import BatchClosure
+from ..line_search import SAMPLE_LOSSES
+from .gaussian_process import LineGaussianProcess
+from .sample_statistics import evaluate_batch
+
+__all__ = ["Pls"]
+
+STARTING = "starting"
+SEARCHING = "searching"
+
+FIRST_TRIAL = 1.0
+"""Every line search first evaluates at t = 1, i.e. at the base learning rate α₀."""
+
+ABORT_TRIAL = 0.01
+"""An aborted search takes this small step (t = 0.01, i.e. 0.01 α₀) and accepts it."""
+
+ALPHA_STATISTICS_KEEP, ALPHA_STATISTICS_NEW = 0.95, 0.05
+"""alpha_stats ← 0.95 alpha_stats + 0.05 α after every accepted α."""
+
+EXPLORATION_POLICIES = ("linear", "exponential")
+
+
+class Pls(Optimizer):
+    r"""Probabilistic Line Search (PLS).
+
+    M. Mahsereci and P. Hennig, "Probabilistic Line Searches for Stochastic Optimization",
+    NeurIPS 2015 and JMLR 18(119), 2017.
+
+    Every call of :meth:`step` is one function evaluation (forward and backward pass) on its own,
+    new batch, at the next trial point of the current line search; PLS draws a new mini-batch for
+    every evaluation. Along the line θ(t) = θ₀ + t α₀ d, with d = -g (+ ``momentum`` · previous d)
+    and t in units of the base learning rate α₀ (``initial_learning_rate`` at first):
+
+    1. **Start**: the very first step evaluates at t = 0 to begin the first line (the research
+       code's first step evaluates its first batch twice at t = 0 and then once more at t = 1;
+       here the evaluation at t = 1 takes the second step's batch). Each evaluation
+       gives f (mean loss), g (mean gradient) and the variances of both means, estimated from the
+       per-sample losses and gradients of the batch (see ``sample_statistics``); the line sees
+       f(t), f'(t) = g·d and their variances Var f and Σ Var g · d², scaled by f(0) and |f'(0)|
+       (section 3.4: f ← (f - f(0)) / (α₀ |f'(0)|), f' ← f' / |f'(0)|).
+    2. **Model**: a Gaussian process with the integrated Wiener process kernel (cubic spline
+       posterior mean) is conditioned on all (t, f, f') observations of the line with their noise.
+    3. **Accept**: the point just evaluated is accepted when its Wolfe probability, the bivariate
+       normal probability that f(0) - f(t) + ``c1`` t f'(0) ≥ 0 and ``df_lo`` ≤ f'(t) ≤ ``df_hi``,
+       is at least ``c_w``. Then α = t α₀ is the learning rate taken; α₀ ← ``fpush`` · α and
+       alpha_stats ← 0.95 alpha_stats + 0.05 α when α is within a factor ``max_change_factor``
+       of α₀, else α₀ ← alpha_stats; the point's own evaluation starts the next line (step 1).
+    4. **Abort** when ``max_steps`` evaluations or ``max_expl`` explorations were made, the
+       posterior mean slope at 0 is ≥ ``max_dmu0`` (not a descent direction) or a loss, gradient
+       or posterior is not finite: the search evaluates at t = 0.01 and accepts that point
+       unconditionally, with α₀ ← alpha_stats. A non-finite value never becomes an observation;
+       if the abort point itself is not finite, the parameters return to the line's start and the
+       next step starts a new line there.
+    5. **Next point** otherwise: the candidates are the points between observations where the
+       posterior mean slope equals ``target_df`` and rises, plus one exploration point,
+       t = 2 (k + 1) (``expl_policy`` "linear") or 2^(k + 1) ("exponential") after k
+       explorations; the candidate with the largest Wolfe probability is evaluated next.
+
+    When the posterior variance of either Wolfe quantity is below 1e-9 (noise-free lines) the
+    conditions are checked on the posterior mean, with the same bounds as the probabilistic test;
+    the research code checks f'(t) ≥ 0 there instead of df_lo ≤ f'(t) ≤ df_hi.
+
+    Symbols: α₀ = ``initial_learning_rate``, c_W = ``c_w``, c₁ = ``c1``. Defaults: α₀, c_W, c₁
+    and momentum from the LABPAL paper's legend (α 1e-4, c_W 0.2, c1 0.005, β 0), the others
+    from the authors' implementation (its PyTorch port by A. Mishkin).
+
+    Variances: the paper's estimators of the variance of the batch means are used,
+    Var f = (mean f_i² - f²) / (n - 1) and per coordinate Var g = (mean g_i² - ḡ²) / (n - 1). The
+    research code of the LABPAL paper uses the sample variance of the losses and
+    (Σ g_i² - ḡ²) / (n - 1), about n times larger; its searches therefore see noisier lines.
+
+    BatchNorm: the per-sample pass holds the batch statistics constant (see
+    ``sample_statistics``). Buffers passed as ``buffers`` (BatchNorm running statistics) keep the
+    update of an evaluation only when its point becomes, or already is, the iterate (accepted
+    points, aborts taken, and a start at t = 0); after every other evaluation they are restored,
+    so rejected trial points leave no trace.
+
+    Closure contract: ``closure`` must come from :func:`make_batch_closure` with a loss of
+    ``reduction='none'`` (``closure_loss`` is ``SAMPLE_LOSSES``): PLS differentiates the closure's
+    model per sample. ``step`` returns the batch's mean loss at the point it evaluated. Each
+    evaluation costs two forward and two backward passes (the ordinary one and the per-sample one),
+    which the pass counters count.
+
+    Memory: one copy of the parameters (the direction d, also the momentum buffer); during an
+    evaluation also the gradient, its variance, the next direction and the per-sample gradients of
+    at most ``sample_chunk_size`` samples at once (default: the whole batch; ResNet-20 with b = 128
+    needs about 140 MB for them).
+
+    One parameter group only, on one device; its parameters must be parameters of the closure's
+    model.
+
+    Example:
+        >>> optimizer = Pls(model.parameters(), buffers=model.buffers())
+        >>> loss_function = torch.nn.CrossEntropyLoss(reduction="none")
+        >>> for inputs, targets in loader:
+        ...     closure = make_batch_closure(model, loss_function, inputs, targets, device)
+        ...     loss = optimizer.step(closure)
+    """
+
+    closure_loss = SAMPLE_LOSSES
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict],
+        initial_learning_rate: float = 1e-4,
+        *,
+        c_w: float = 0.2,
+        c1: float = 0.005,
+        momentum: float = 0.0,
+        target_df: float = 0.5,
+        df_lo: float = -0.1,
+        df_hi: float = 1.1,
+        max_steps: int = 20,
+        max_expl: int = 20,
+        max_dmu0: float = 0.0,
+        max_change_factor: float = 10.0,
+        expl_policy: str = "linear",
+        fpush: float = 1.0,
+        sample_chunk_size: int | None = None,
+        buffers: Iterable[torch.Tensor] | None = None,
+    ):
+        _require(_finite(initial_learning_rate) and initial_learning_rate > 0, "initial_learning_rate",
+                 initial_learning_rate, "a finite number > 0")
+        _require(_finite(c_w) and 0 < c_w < 1, "c_w", c_w, "in (0, 1)")
+        _require(_finite(c1) and 0 <= c1 < 1, "c1", c1, "in [0, 1)")
+        _require(_finite(momentum) and 0 <= momentum < 1, "momentum", momentum, "in [0, 1)")
+        _require(_finite(df_lo), "df_lo", df_lo, "a finite number")
+        _require(_finite(df_hi) and df_hi > df_lo, "df_hi", df_hi, "a finite number > df_lo")
+        _require(_finite(target_df), "target_df", target_df, "a finite number")
+        _require_integer(max_steps, "max_steps", 1)
+        _require_integer(max_expl, "max_expl", 1)
+        _require(_finite(max_dmu0), "max_dmu0", max_dmu0, "a finite number")
+        _require(_finite(max_change_factor) and max_change_factor > 1, "max_change_factor", max_change_factor, "> 1")
+        _require(expl_policy in EXPLORATION_POLICIES, "expl_policy", expl_policy, f"one of {EXPLORATION_POLICIES}")
+        _require(_finite(fpush) and fpush > 0, "fpush", fpush, "a finite number > 0")
+        if sample_chunk_size is not None:
+            _require_integer(sample_chunk_size, "sample_chunk_size", 1)
+        defaults = dict(
+            initial_learning_rate=float(initial_learning_rate),
+            c_w=float(c_w),
+            c1=float(c1),
+            momentum=float(momentum),
+            target_df=float(target_df),
+            df_lo=float(df_lo),
+            df_hi=float(df_hi),
+            max_steps=max_steps,
+            max_expl=max_expl,
+            max_dmu0=float(max_dmu0),
+            max_change_factor=float(max_change_factor),
+            expl_policy=expl_policy,
+            fpush=float(fpush),
+            sample_chunk_size=sample_chunk_size,
+        )
+        super().__init__(params, defaults)
+        devices = {p.device for p in self._params()}
+        if len(devices) > 1:
+            raise ValueError(f"Invalid parameters: they span the devices {sorted(map(str, devices))}; "
+                             "PLS moves all of them along one line, so put them on one device")
+        self._buffers = list(buffers) if buffers is not None else []
+        self._search = _initial_search(float(initial_learning_rate))
+        self._process = None  # the Gaussian process of the current line, rebuilt from the observations
+        self._events = []
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add the single parameter group; PLS searches one line along the whole gradient."""
+        if self.param_groups:
+            raise ValueError(
+                "Invalid parameter groups: PLS searches along the gradient of all parameters, so it takes "
+                "exactly one parameter group; pass all parameters in one group"
+            )
+        super().add_param_group(param_group)
+
+    # ------------------------------------------------------------------ protocol
+
+    def log_values(self) -> dict[str, float]:
+        """Learning rate (last accepted α, α₀ before the first), step size α‖d‖, pass counts, searches."""
+        search = self._search
+        learning_rate = search["learning_rate"]
+        return {
+            "learning_rate": learning_rate if learning_rate is not None else search["alpha0"],
+            "step_size": search["step_size"] if search["step_size"] is not None else math.nan,
+            "forward_passes": search["forward_passes"],
+            "backward_passes": search["backward_passes"],
+            "line_search_evaluations": search["last_search_evaluations"],
+            "base_learning_rate": search["alpha0"],
+            "accepted_searches": search["accepted_searches"],
+            "aborted_searches": search["aborted_searches"],
+        }
+
+    def take_events(self) -> list[dict]:
+        """The acceptances ("measurement") and aborts ("failure") since the last call."""
+        events, self._events = self._events, []
+        return events
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        """The optimizer state: direction (per parameter), line observations, α₀, alpha_stats, counters."""
+        state = super().state_dict()
+        search = dict(self._search)
+        search["observations"] = [tuple(observation) for observation in search["observations"]]
+        state["pls"] = search
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore a state saved by :meth:`state_dict`."""
+        state_dict = dict(state_dict)
+        search = dict(state_dict.pop("pls"))
+        super().load_state_dict(state_dict)
+        search["observations"] = [tuple(observation) for observation in search["observations"]]
+        self._search = search
+        self._process = None
+        self._events = []
+
+    # ------------------------------------------------------------------ step
+
+    @torch.no_grad()
+    def step(self, closure) -> torch.Tensor:
+        """Evaluate ``closure``'s batch at the next trial point; return its mean loss there."""
+        if not isinstance(closure, BatchClosure):
+            raise ValueError(
+                f"Invalid closure: {closure!r}; PLS needs per-sample gradients, so it takes a BatchClosure "
+                "from make_batch_closure over a loss with reduction='none'"
+            )
+        if self._search["phase"] == STARTING:
+            return self._start_line(closure)
+        return self._evaluate_trial(closure)
+
+    def _start_line(self, closure) -> torch.Tensor:
+        """Evaluate at the iterate (t = 0) and begin a line there."""
+        saved_buffers = self._save_buffers()
+        evaluation, line = self._evaluate(closure, with_current_line=False)
+        failure = self._begin_line(evaluation, line)
+        if failure is not None:
+            self._restore_buffers(saved_buffers)
+            self._fail(f"{failure} at the start of a line; starting again with the next batch")
+        return evaluation.loss
+
+    def _evaluate_trial(self, closure) -> torch.Tensor:
+        search = self._search
+        group = self.param_groups[0]
+        position = search["next_position"]
+        self._move_to(position)
+        saved_buffers = self._save_buffers()
+        evaluation, line = self._evaluate(closure, with_current_line=True)
+        search["line_evaluations"] += 1
+        finite = all(map(math.isfinite, line["current"]))
+        if search["aborting"]:
+            if finite:
+                self._accept(evaluation, line, aborted=True)
+            else:
+                self._move_to(0.0)
+                self._restore_buffers(saved_buffers)
+                search["alpha0"] = search["alpha_stats"]
+                search["phase"] = STARTING
+                self._fail("non-finite loss or gradient at the abort step; back to the line's start")
+            return evaluation.loss
+        if not finite:
+            self._restore_buffers(saved_buffers)
+            self._abort(f"non-finite loss or gradient at learning rate {position * search['alpha0']:.3g}")
+            return evaluation.loss
+        search["observations"].append(self._scaled_observation(position, *line["current"]))
+        self._process = None
+        process = self._gaussian_process()
+        if not process.is_finite():
+            self._restore_buffers(saved_buffers)
+            self._abort("the Gaussian process posterior is not finite")
+            return evaluation.loss
+        wolfe_probability = process.wolfe_probability(position, group["c1"], group["df_lo"], group["df_hi"])
+        if wolfe_probability >= group["c_w"]:
+            self._accept(evaluation, line, aborted=False)
+            return evaluation.loss
+        self._restore_buffers(saved_buffers)
+        slope_at_start = process.mean(0.0, 1)
+        if search["line_evaluations"] >= group["max_steps"]:
+            self._abort(f"no acceptable point after {search['line_evaluations']} evaluations")
+        elif search["explorations"] >= group["max_expl"]:
+            self._abort(f"no acceptable point after {search['explorations']} explorations")
+        elif not slope_at_start < group["max_dmu0"]:
+            self._abort(f"posterior slope at the line's start {slope_at_start:.3g} is not below {group['max_dmu0']}")
+        else:
+            search["next_position"] = self._next_position(process)
+        return evaluation.loss
+
+    # ------------------------------------------------------------------ line search pieces
+
+    def _evaluate(self, closure, *, with_current_line: bool):
+        """Evaluate the batch and reduce it to the line quantities, with one wait for the device.
+
+        ``line["current"]``: (f, f', Var f, Var f') along the current direction d; ``line["next"]``:
+        the same along the direction the next line would take from this point, d' = βd - g, and ‖d'‖.
+        """
+        group = self.param_groups[0]
+        params = self._params()
+        evaluation = evaluate_batch(closure, params, group["sample_chunk_size"])
+        search = self._search
+        search["forward_passes"] += 2
+        search["backward_passes"] += 2
+        directions = [self._direction(p) for p in params]
+        next_directions = torch._foreach_sub(torch._foreach_mul(directions, group["momentum"]), evaluation.gradient)
+        quantities = [evaluation.loss, evaluation.loss_variance]
+        quantities += _projections(evaluation, next_directions)
+        quantities.append(_global_norm(next_directions))
+        if with_current_line:
+            quantities += _projections(evaluation, directions)
+        values = torch.stack([q.to(torch.float64) for q in quantities]).tolist()
+        loss, loss_variance, next_slope, next_slope_variance, next_norm = values[:5]
+        line = {
+            "next": (loss, next_slope, loss_variance, next_slope_variance),
+            "next_norm": next_norm,
+            "next_directions": next_directions,
+        }
+        if with_current_line:
+            line["current"] = (loss, values[5], loss_variance, values[6])
+        return evaluation, line
+
+    def _begin_line(self, evaluation, line) -> str | None:
+        """Make the evaluated point the start of a new line along d' = βd - g; return why not, if it cannot be."""
+        search = self._search
+        loss, slope, loss_variance, slope_variance = line["next"]
+        if not all(map(math.isfinite, (*line["next"], line["next_norm"]))):
+            search["phase"] = STARTING
+            return "non-finite loss or gradient"
+        if slope == 0.0:
+            search["phase"] = STARTING
+            return "zero slope along the search direction"
+        torch._foreach_copy_([self._direction(p) for p in self._params()], line["next_directions"])
+        search.update(
+            phase=SEARCHING,
+            start_loss=loss,
+            slope_scale=abs(slope),
+            direction_norm=line["next_norm"],
+            position=0.0,
+            next_position=FIRST_TRIAL,
+            line_evaluations=0,
+            explorations=0,
+            aborting=False,
+            observations=[],
+        )
+        search["observations"].append(self._scaled_observation(0.0, loss, slope, loss_variance, slope_variance))
+        self._process = None
+        return None
+
+    def _scaled_observation(self, position, loss, slope, loss_variance, slope_variance) -> tuple:
+        """(t, f, f', Var f, Var f') in the line's units: f and f' relative to f(0) and |f'(0)| α₀."""
+        search = self._search
+        value_scale = search["slope_scale"] * search["alpha0"]
+        return (
+            float(position),
+            (loss - search["start_loss"]) / value_scale,
+            slope / search["slope_scale"],
+            loss_variance / value_scale**2,
+            slope_variance / search["slope_scale"] ** 2,
+        )
+
+    def _next_position(self, process: LineGaussianProcess) -> float:
+        group = self.param_groups[0]
+        search = self._search
+        candidates = process.points_with_mean_derivative(group["target_df"])
+        explorations = search["explorations"]
+        exploration = 2.0 * (explorations + 1) if group["expl_policy"] == "linear" else 2.0 ** (explorations + 1)
+        candidates.append(exploration)
+        probabilities = [process.wolfe_probability(t, group["c1"], group["df_lo"], group["df_hi"]) for t in candidates]
+        # The first of equal maxima; a NaN probability (degenerate posterior) ranks below every number.
+        best = int(np.argmax([-1.0 if math.isnan(p) else p for p in probabilities]))
+        if best == len(candidates) - 1:
+            search["explorations"] += 1
+        return float(candidates[best])
+
+    def _accept(self, evaluation, line, *, aborted: bool) -> None:
+        """Take the evaluated point: adapt α₀, report, and start the next line from its evaluation."""
+        group = self.param_groups[0]
+        search = self._search
+        alpha0 = search["alpha0"]
+        learning_rate = search["position"] * alpha0
+        factor = group["max_change_factor"]
+        if not aborted and alpha0 / factor < learning_rate < alpha0 * factor:
+            search["alpha_stats"] = ALPHA_STATISTICS_KEEP * search["alpha_stats"] + ALPHA_STATISTICS_NEW * learning_rate
+            search["alpha0"] = group["fpush"] * learning_rate
+        else:
+            search["alpha0"] = search["alpha_stats"]
+        step_size = learning_rate * search["direction_norm"]
+        search["learning_rate"] = learning_rate
+        search["step_size"] = step_size
+        search["last_search_evaluations"] = search["line_evaluations"]
+        if aborted:
+            search["aborted_searches"] += 1
+        else:
+            search["accepted_searches"] += 1
+            self._events.append({"event": "measurement", "learning_rate": learning_rate, "step_size": step_size})
+        failure = self._begin_line(evaluation, line)
+        if failure is not None:
+            self._fail(f"{failure} at the accepted point; starting a line there with the next batch")
+
+    def _abort(self, reason: str) -> None:
+        """End the search with the small step t = 0.01, taken by the next step."""
+        search = self._search
+        search["aborting"] = True
+        search["next_position"] = ABORT_TRIAL
+        self._fail(f"line search aborted: {reason}")
+
+    def _fail(self, reason: str) -> None:
+        self._events.append({"event": "failure", "reason": reason})
+
+    # ------------------------------------------------------------------ helpers
+
+    def _params(self) -> list[torch.Tensor]:
+        return self.param_groups[0]["params"]
+
+    def _direction(self, param: torch.Tensor) -> torch.Tensor:
+        state = self.state[param]
+        if "direction" not in state:
+            state["direction"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        return state["direction"]
+
+    def _move_to(self, position: float) -> None:
+        """Move the parameters from the current position on the line to ``position``."""
+        search = self._search
+        increment = (position - search["position"]) * search["alpha0"]
+        params = self._params()
+        torch._foreach_add_(params, [self._direction(p) for p in params], alpha=increment)
+        search["position"] = position
+
+    def _gaussian_process(self) -> LineGaussianProcess:
+        if self._process is None:
+            self._process = LineGaussianProcess(self._search["observations"])
+        return self._process
+
+    def _save_buffers(self) -> list[torch.Tensor]:
+        return [buffer.clone() for buffer in self._buffers]
+
+    def _restore_buffers(self, saved: list[torch.Tensor]) -> None:
+        for buffer, value in zip(self._buffers, saved):
+            buffer.copy_(value)
+
+
+def _initial_search(initial_learning_rate: float) -> dict:
+    return dict(
+        phase=STARTING,
+        alpha0=initial_learning_rate,
+        alpha_stats=initial_learning_rate,
+        start_loss=None,
+        slope_scale=None,
+        direction_norm=None,
+        position=0.0,
+        next_position=0.0,
+        line_evaluations=0,
+        explorations=0,
+        aborting=False,
+        observations=[],
+        learning_rate=None,
+        step_size=None,
+        last_search_evaluations=0,
+        accepted_searches=0,
+        aborted_searches=0,
+        forward_passes=0,
+        backward_passes=0,
+    )
+
+
+def _projections(evaluation, directions) -> list[torch.Tensor]:
+    """g·d and Σ Var g · d², the slope along d and its variance."""
+    slope = torch.stack([torch.sum(g * d) for g, d in zip(evaluation.gradient, directions)]).sum()
+    variance = torch.stack([torch.sum(v * d * d) for v, d in zip(evaluation.gradient_variance, directions)]).sum()
+    return [slope, variance]
+
+
+def _global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _require(condition: bool, name: str, value, valid: str) -> None:
+    if not condition:
+        raise ValueError(f"Invalid {name}: {value!r}; it must be {valid}")
+
+
+def _require_integer(value, name: str, minimum: int) -> None:
+    _require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum, name, value,
+             f"an integer >= {minimum}")
