@@ -50,6 +50,18 @@ def test_noise_factor_and_scaled_schedule_match_the_paper_examples():
     assert scale_batch_size_schedule(((0, 1),), 0.3) == ((0, 1),)
 
 
+@pytest.mark.parametrize("written", ["0:1, 75000:2, 112500:4", ["0:1", "75000:2", "112500:4"], ["0 : 1", " 75000:2 ", "112500:4"]])
+def test_the_schedule_reads_its_written_form(written):
+    assert LabPal([nn.Parameter(torch.zeros(1))], batch_size_schedule=written).param_groups[0][
+        "batch_size_schedule"] == PAPER_BATCH_SIZE_SCHEDULE
+
+
+@pytest.mark.parametrize("written", ["0-1, 5:2", "0:1:2", ["0:a"], "5:1"])
+def test_a_malformed_written_schedule_names_the_form(written):
+    with pytest.raises(ValueError, match="Invalid batch_size_schedule"):
+        LabPal([nn.Parameter(torch.zeros(1))], batch_size_schedule=written)
+
+
 def test_multiplier_at_follows_the_schedule():
     schedule = ((0, 1), (75_000, 2), (112_500, 4))
     assert [multiplier_at(schedule, s) for s in (0, 74_999, 75_000, 112_499, 200_000)] == [1, 1, 2, 2, 4]

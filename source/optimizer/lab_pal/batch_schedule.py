@@ -33,14 +33,24 @@ def scale_batch_size_schedule(
     return tuple((int(step), max(int(multiplier * factor), 1)) for step, multiplier in schedule)
 
 
-def validate_batch_size_schedule(schedule: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
-    """Return ``schedule`` as a tuple of (step, multiplier) pairs, or raise ValueError naming the problem."""
+def validate_batch_size_schedule(
+    schedule: Sequence[tuple[int, int]] | Sequence[str] | str,
+) -> tuple[tuple[int, int], ...]:
+    """Return ``schedule`` as a tuple of (step, multiplier) pairs, or raise ValueError naming the problem.
+
+    Besides pairs, the written form of configuration files is accepted: "step:multiplier" items,
+    as a list or one comma-separated text, e.g. ``"0:1, 75000:2, 112500:4"``.
+    """
+    items = schedule.split(",") if isinstance(schedule, str) else schedule
     try:
-        pairs = tuple((int(step), int(multiplier)) for step, multiplier in schedule)
+        pairs = tuple(
+            (int(step), int(multiplier))
+            for step, multiplier in (item.split(":") if isinstance(item, str) else item for item in items)
+        )
     except (TypeError, ValueError):
         raise ValueError(
             f"Invalid batch_size_schedule: {schedule!r}; expected (step, multiplier) pairs such as "
-            f"{PAPER_BATCH_SIZE_SCHEDULE}"
+            f"{PAPER_BATCH_SIZE_SCHEDULE}, or the text \"0:1, 75000:2, 112500:4\""
         ) from None
     steps = [step for step, _ in pairs]
     if not pairs or steps[0] != 0 or any(a >= b for a, b in zip(steps, steps[1:])):
