@@ -1,12 +1,15 @@
-"""Run one experiment of the LABPAL project from a configuration file.
+"""Run one experiment, or a comparison of optimizers, of the LABPAL project from a configuration file.
 
     python main.py                                   # ./configuration_lab_pal.txt
     python main.py --config configs/other.txt --set training.batch_size=64
     python main.py --set optimizer.arguments.step_adaptation=3.6
     python main.py --resume                          # continue the run from its last checkpoint
+    python main.py --config configs/compare_digits.txt   # a comparison: every entry, one by one
 
-Trains in <runs_folder>/<experiment name>/ (metrics, TensorBoard events, checkpoints, the
-resolved configuration), draws figures into <plots_folder>/<experiment name>/ and prints where
+A run trains in <runs_folder>/<experiment name>/ (metrics, TensorBoard events, checkpoints, the
+resolved configuration) and draws figures into <plots_folder>/<experiment name>/. A comparison (a
+file with a [comparison] section) trains each entry and seed as such a run inside
+<runs_folder>/<experiment name>/ and writes the results table and figures there. Both print where
 everything went. A problem with the input ends with one line on stderr and exit status 2.
 """
 
@@ -14,9 +17,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from source.comparison import run_comparison
 from source.configuration import load_configuration
 from source.errors import UserError
-from source.plotting import PlottedRun, check_plot_folder, claim_plot_folder, plot_runs
+from source.plotting import PlottedRun, check_plot_folder, claim_plot_folder, legend_label, plot_runs
 from source.training import RunFolder, run_experiment
 
 DEFAULT_CONFIGURATION = "configuration_lab_pal.txt"
@@ -40,7 +44,9 @@ def _positive_integer(text):
 
 def parse_arguments(argv):
     """The command line: --config, --set (repeatable), --resume, --stop-after-steps."""
-    parser = _ArgumentParser(description="Train and evaluate one LABPAL experiment.", allow_abbrev=False)
+    parser = _ArgumentParser(
+        description="Train and evaluate one LABPAL experiment, or a comparison of optimizers.", allow_abbrev=False
+    )
     parser.add_argument(
         "--config",
         default=DEFAULT_CONFIGURATION,
@@ -59,13 +65,14 @@ def parse_arguments(argv):
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run in <runs_folder>/<experiment name> from its last checkpoint",
+        help="continue the run (or comparison) in <runs_folder>/<experiment name> from its last checkpoint",
     )
     parser.add_argument(
         "--stop-after-steps",
         type=_positive_integer,
         metavar="N",
-        help="stop after N more steps, saving a checkpoint as if interrupted (continue with --resume)",
+        help="stop after N more training steps (in all, for a comparison), saving a checkpoint as if "
+        "interrupted (continue with --resume)",
     )
     return parser.parse_args(argv)
 
@@ -102,9 +109,32 @@ def _report(run_folder, plot_files, outcome):
         print(f"{name + ':':<{width}} {value}")
 
 
+def _report_comparison(outcome):
+    """Print where the comparison's files went, and its results table."""
+    figures = [path for path in outcome.files if path.suffix == ".png"]
+    tables = [path for path in outcome.files if path.suffix != ".png"]
+    lines = [
+        ("comparison folder", str(outcome.folder)),
+        ("runs", f"{len(outcome.run_folders)} run folders, {outcome.folder}/<entry>/seed_<seed>/ "
+                 f"(view: tensorboard --logdir {outcome.folder})"),
+        ("results", ", ".join(map(str, tables))),
+        ("figures", ", ".join(map(str, figures)) + " (and .pdf)" if figures else "none yet"),
+    ]  # fmt: skip
+    width = max(len(name) for name, _ in lines) + 1
+    print()
+    print(outcome.table, end="")
+    print()
+    for name, value in lines:
+        print(f"{name + ':':<{width}} {value}")
+
+
 def run(arguments):
     """Load the configuration, train (or resume), plot, and report; return the exit status."""
     configuration = load_configuration(arguments.config, arguments.overrides)
+    if configuration.is_comparison:
+        outcome = run_comparison(configuration, resume=arguments.resume, stop_after_steps=arguments.stop_after_steps)
+        _report_comparison(outcome)
+        return 0
     run_folder = RunFolder.of(configuration)
     plot_folder = Path(configuration["logging"]["plots_folder"]) / configuration["experiment"]["name"]
     check_plot_folder(plot_folder, run_folder.path)
@@ -113,7 +143,7 @@ def run(arguments):
     if run_folder.metrics_path.exists() and run_folder.metrics_path.stat().st_size:
         claim_plot_folder(plot_folder, run_folder.path)
         plot_files = plot_runs(
-            [PlottedRun(configuration["experiment"]["name"], run_folder.metrics_path)],
+            [PlottedRun(legend_label(configuration), run_folder.metrics_path)],
             plot_folder,
             dataset=configuration["data"]["name"],
             model=configuration["model"]["name"],

@@ -8,6 +8,7 @@ import torch
 from configobj import ConfigObj
 
 from source.configuration import (
+    COMPARISON,
     SPECIFICATION_PATH,
     differing_keys,
     format_configuration,
@@ -32,6 +33,8 @@ def empty_file(tmp_path):
 def _specification_keys():
     specification = ConfigObj(str(SPECIFICATION_PATH), list_values=False)
     for section in specification.sections:
+        if section == COMPARISON:  # present only in comparison files
+            continue
         for key in specification[section].scalars:
             yield section, key
 

@@ -13,7 +13,9 @@ from source.training.schedules import build_schedule
 from tests.data_files import copy_a_few_cifar10_jpegs
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-PRESETS = sorted((REPOSITORY / "configs").glob("*.txt"))
+# Comparisons (compare_*.txt) list optimizers in entries; tests/test_comparison.py checks them.
+COMPARISONS = sorted((REPOSITORY / "configs").glob("compare_*.txt"))
+PRESETS = sorted(set((REPOSITORY / "configs").glob("*.txt")) - set(COMPARISONS))
 PAPER_GRID = {
     f"{data}_{model}_{optimizer}"
     for data, model, optimizer in itertools.product(
@@ -52,7 +54,7 @@ def test_preset_is_valid_and_its_optimizer_and_schedule_build(path):
 
 def test_readme_lists_every_preset_with_its_command():
     readme = (REPOSITORY / "README.md").read_text()
-    for path in PRESETS:
+    for path in PRESETS + COMPARISONS:
         assert f"python main.py --config configs/{path.name}" in readme
 
 
@@ -71,4 +73,4 @@ def test_a_few_steps_on_the_real_cifar10_jpegs(tmp_path, monkeypatch, capsys):
     assert "test accuracy:" in capsys.readouterr().out
     run_folder = tmp_path / "runs" / "cifar10_jpeg_resnet20_lab_pal_nsgd"
     assert (run_folder / "best.pt").is_file()
-    assert len(list((tmp_path / "plots" / "cifar10_jpeg_resnet20_lab_pal_nsgd").glob("*.png"))) == 4
+    assert len(list((tmp_path / "plots" / "cifar10_jpeg_resnet20_lab_pal_nsgd").glob("*.png"))) == 5

@@ -68,6 +68,22 @@ def _check_integer_or(value, word, min=None, max=None):
         raise InvalidValue(expectation) from None
 
 
+def _check_integer_list(value, min=None, max=None):
+    """Distinct integers within [min, max], comma-separated; one value or none at all is a list too."""
+    items = value if isinstance(value, list) else [value]
+    bounds = " and ".join(
+        f"{relation} {bound}" for relation, bound in ((">=", min), ("<=", max)) if bound is not None
+    )
+    expectation = f"a comma-separated list of distinct integers {bounds}".strip()
+    try:
+        numbers = [is_integer(item, min, max) for item in items if not (isinstance(item, str) and not item.strip())]
+    except ValidateError:
+        raise InvalidValue(expectation) from None
+    if len(set(numbers)) != len(numbers):
+        raise InvalidValue(expectation)
+    return numbers
+
+
 def parse_free_text(text):
     """Type one word of a free-form argument: boolean, none, integer, float or text."""
     word = text.strip()
@@ -135,6 +151,7 @@ CHECKS = {
     "device": _check_device,
     "folder_name": _check_folder_name,
     "integer_or": _check_integer_or,
+    "integer_list": _check_integer_list,
     "free_value": _check_free_value,
     "model_name": _registry_check("model", _models),
     "dataset_name": _registry_check("data set", _datasets),

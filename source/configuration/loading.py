@@ -16,6 +16,8 @@ from source.configuration.checks import CHECKS, InvalidValue, did_you_mean
 from source.errors import UserError
 
 __all__ = [
+    "COMPARISON",
+    "ENTRY_SECTIONS",
     "SPECIFICATION_PATH",
     "Configuration",
     "differing_keys",
@@ -27,6 +29,12 @@ __all__ = [
 
 SPECIFICATION_PATH = Path(__file__).with_name("configspec.ini")
 """The configspec: type, range and default of every key."""
+
+COMPARISON = "comparison"
+"""The optional section that makes a configuration a comparison of optimizers."""
+
+ENTRY_SECTIONS = ("optimizer", "schedule")
+"""Sections a comparison does not have: each of its entries names its own optimizer and schedule."""
 
 _FREE_FORM = "__many__"
 
@@ -47,7 +55,8 @@ class Configuration:
 
     ``sections["training"]["batch_size"]`` (or ``configuration["training"]["batch_size"]``)
     is an int; free-form ``arguments`` subsections hold typed words (bool, None, int, float,
-    text, or lists of them).
+    text, or lists of them). A comparison has a [comparison] section and no [optimizer] or
+    [schedule]; any other configuration has no [comparison].
     """
 
     sections: dict
@@ -55,6 +64,11 @@ class Configuration:
 
     def __getitem__(self, section):
         return self.sections[section]
+
+    @property
+    def is_comparison(self):
+        """Whether this is a comparison of optimizers (it has a [comparison] section)."""
+        return COMPARISON in self.sections
 
     def where(self, section, key=None):
         """Name a section or key for messages: "configuration_lab_pal.txt: [training] batch_size"."""
@@ -95,8 +109,15 @@ def load_configuration(path, overrides=()):
     for override in overrides:
         origins[_apply_override(document, override)] = f"--set {override}"
     _check_structure(document, document.configspec, source, origins, ())
+    is_comparison = COMPARISON in document
+    if is_comparison:
+        _check_no_entry_sections(document, source, origins)
     _validate(document, source, origins)
-    return Configuration(sections=document.dict(), source=source)
+    sections = document.dict()
+    # Validation fills in every section of the configspec; keep those this kind of configuration has.
+    for name in ENTRY_SECTIONS if is_comparison else (COMPARISON,):
+        del sections[name]
+    return Configuration(sections=sections, source=source)
 
 
 def format_configuration(configuration, header):
@@ -158,6 +179,17 @@ def _origin(origins, path, source):
     return source
 
 
+def _check_no_entry_sections(document, source, origins):
+    """A comparison's optimizers and schedules belong to its entries, not to [optimizer] and [schedule]."""
+    for name in ENTRY_SECTIONS:
+        if name in document:
+            raise UserError(
+                f"{_origin(origins, (name,), source)}: {section_label((name,))} cannot be set in a file with "
+                f"{section_label((COMPARISON,))}; give each entry its own {name} in "
+                f"{section_label((COMPARISON, '<entry id>'))}"
+            )
+
+
 def _check_structure(section, specification, source, origins, path):
     """Reject unknown sections and keys, and values given where sections belong (and vice versa)."""
     free_form = _FREE_FORM in specification.scalars
@@ -175,6 +207,8 @@ def _check_structure(section, specification, source, origins, path):
             _check_structure(section[name], specification[name], source, origins, path + (name,))
         elif name in specification.scalars:
             raise UserError(f"{where}: {section_label(path + (name,))} must be a plain key, not a section")
+        elif _FREE_FORM in specification.sections:
+            _check_structure(section[name], specification[_FREE_FORM], source, origins, path + (name,))
         else:
             known_sections = [section_label(path + (other,)) for other in specification.sections]
             hint = did_you_mean(section_label(path + (name,)), known_sections)
@@ -191,18 +225,22 @@ def _validate(document, source, origins):
     problems = flatten_errors(document, result)
     sections, key, error = problems[0]
     path = tuple(sections)
-    section, specification = document, document.configspec
+    section = document
     for name in path:
-        section, specification = section[name], specification[name]
+        section = section[name]
+    # Validation gave each section its part of the configspec, [[__many__]] ones included.
+    specification = section.configspec
     where = _origin(origins, path + (key,), source)
     if isinstance(error, InvalidValue):
         expectation = error.expectation
     else:
         expectation = _describe_check(specification.get(key, specification.get(_FREE_FORM)))
-    value = section.get(key, "")
-    shown = ", ".join(value) if isinstance(value, list) else value
     more = len(problems) - 1
     suffix = f" ({more} more problem{'s' if more > 1 else ''} after this one)" if more else ""
+    if error is False:
+        raise UserError(f"{where}: {key_label(path, key)} is missing: expected {expectation}{suffix}")
+    value = section.get(key, "")
+    shown = ", ".join(value) if isinstance(value, list) else value
     raise UserError(f"{where}: {key_label(path, key)} = {shown!r}: expected {expectation}{suffix}")
 
 
@@ -212,6 +250,12 @@ def _describe_check(check):
     arguments = [ast.literal_eval(argument) for argument in call.args]
     options = {keyword.arg: ast.literal_eval(keyword.value) for keyword in call.keywords}
     kind = call.func.id
+    if kind in CHECKS:
+        # A custom check says what it expects when it refuses a value; an empty text it refuses.
+        try:
+            CHECKS[kind]("", *arguments, **options)
+        except InvalidValue as error:
+            return error.expectation
     if kind in ("integer", "float"):
         noun = "an integer" if kind == "integer" else "a number"
         bounds = " and ".join(

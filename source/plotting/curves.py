@@ -1,158 +1,323 @@
-"""PNG figures of one or several runs, read from their metrics files.
+"""Figures of one or several runs, read from their metrics files, as .png and .pdf.
 
-One call draws any number of runs into the same four figures, one line (or bar) per run, so a
-comparison of optimizers like the paper's is ``plot_runs([PlottedRun("LABPAL-NSGD", path_a),
-PlottedRun("SGD", path_b)], folder, dataset="cifar100", model="mobilenet_v2_cifar")``.
-Figures are drawn with matplotlib's Figure API (Agg canvas): no display, no global pyplot state.
+One call draws any number of entries into the same figures, one colour per entry (by its
+position in the list, the same in every figure): the learning rate (log scale, a line search's
+measurements marked on it), the training loss (log scale), the validation accuracy or RMSE, the
+test accuracy or RMSE of the best validation checkpoint (one dot per entry), and the training
+batch size. An entry with several metrics files (seeds) is drawn as the mean with a min–max band.
+Titles read "<metric> <data set> <model>". Figures use matplotlib's Figure API (Agg canvas): no
+display, no global pyplot state. A figure with nothing to draw is left out, and so is any value a
+metrics file does not have (older files lack the passes, batch sizes and events).
 """
 
 import json
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from source.errors import UserError
 
-__all__ = ["OWNER_FILE", "PlottedRun", "check_plot_folder", "claim_plot_folder", "plot_runs", "read_metrics"]
+__all__ = [
+    "OWNER_FILE",
+    "PALETTE",
+    "PlottedRun",
+    "check_plot_folder",
+    "claim_plot_folder",
+    "legend_label",
+    "plot_runs",
+    "quality_of",
+    "read_metrics",
+]
 
 OWNER_FILE = "run_folder.txt"
 """Names the run folder whose plots a plot folder holds, so another run's plots are never overwritten."""
 
+PALETTE = (
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
+    "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#000000", "#e6ab02",
+)  # fmt: skip
+"""Entry colours in entry order; entries past its end repeat them with dashed lines."""
+
+_FORMATS = (".png", ".pdf")
+# Without a creation date the PDF files of the same figures are the same bytes.
+_METADATA = {".png": {}, ".pdf": {"CreationDate": None}}
+
 
 @dataclass(frozen=True)
 class PlottedRun:
-    """One run to draw: its legend label and its metrics file (metrics.jsonl in its run folder)."""
+    """One entry to draw: its legend label, the metrics files of its runs (one per seed; a single
+    path is one run), and a short label for the axis of the test figure (default: the label)."""
 
     label: str
-    metrics_path: Path
+    metrics_paths: tuple
+    short_label: str | None = None
+
+    def __post_init__(self):
+        paths = self.metrics_paths
+        paths = (paths,) if isinstance(paths, (str, Path)) else tuple(paths)
+        object.__setattr__(self, "metrics_paths", tuple(Path(path) for path in paths))
+        object.__setattr__(self, "short_label", self.short_label or self.label)
 
 
 def read_metrics(path):
     """The records of a metrics file, in order (one JSON object per line)."""
     with open(path, encoding="utf-8") as file:
-        return [json.loads(line) for line in file if line.strip()]
+        lines = list(file)
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            # A run killed while writing leaves a partial last line; a resume cuts it.
+            if number == len(lines):
+                break
+            raise UserError(f"{path}, line {number}: not a JSON record ({error.msg})") from None
+    return records
 
 
-def _series(records, split, metric, *, positive_only=False):
-    """Steps and values of ``metric`` in the records of ``split``; a log scale needs ``positive_only``."""
-    points = [
-        (record["step"], record[metric])
-        for record in records
-        if record["split"] == split and metric in record and (record[metric] > 0 or not positive_only)
-    ]
-    return [step for step, _ in points], [value for _, value in points]
+def _value_text(value):
+    if isinstance(value, list):
+        return "/".join(_value_text(item) for item in value)
+    if isinstance(value, bool) or value is None:
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
 
 
-def _final_value(records, split, metric):
-    """The last value of ``metric`` in the records of ``split``, or None."""
-    _, values = _series(records, split, metric)
-    return values[-1] if values else None
+def _arguments_text(arguments):
+    return ", ".join(f"{name} {_value_text(value)}" for name, value in arguments.items())
 
 
-def _quality_metric(runs_records):
+def legend_label(configuration):
+    """A run's legend text: [experiment] label (or name) and its explicit optimizer and schedule
+    arguments, e.g. "PAL (update_step_adaptation 1.66, measuring_step 1)"."""
+    experiment = configuration["experiment"]
+    label = experiment.get("label") or experiment["name"]
+    details = [_arguments_text(configuration["optimizer"]["arguments"])]
+    schedule = configuration["schedule"]
+    if schedule["name"] != "none":
+        details.append(" ".join(filter(None, (schedule["name"], _arguments_text(schedule["arguments"])))))
+    details = [detail for detail in details if detail]
+    return f"{label} ({'; '.join(details)})" if details else label
+
+
+def quality_of(runs_records):
     """"accuracy" for classification runs, "rmse" for regression runs (as their records name it)."""
     for records in runs_records:
         for record in records:
-            if record["split"] == "validation":
+            if record["split"] in ("training", "validation", "test"):
                 return "accuracy" if "accuracy" in record else "rmse"
     return "accuracy"
 
 
-def _new_figure(title, y_label):
-    figure = Figure(figsize=(6.4, 4.4), dpi=120, layout="constrained")
+def _per_step(records, split, key, *, positive_only=False):
+    """{step: value} of ``key`` in the records of ``split``; a log scale needs ``positive_only``."""
+    series = {}
+    for record in records:
+        value = record.get(key)
+        if record["split"] != split or not isinstance(value, (int, float)) or value != value:
+            continue
+        if value > 0 or not positive_only:
+            series[record["step"]] = value
+    return series
+
+
+def _band(per_seed):
+    """Steps that every seed has, with the mean, minimum and maximum over the seeds at each."""
+    steps = sorted(set.intersection(*(set(series) for series in per_seed))) if per_seed else []
+    columns = [[series[step] for series in per_seed] for step in steps]
+    return (
+        steps,
+        [statistics.fmean(column) for column in columns],
+        [min(column) for column in columns],
+        [max(column) for column in columns],
+    )
+
+
+def _style(index):
+    return PALETTE[index % len(PALETTE)], "-" if index < len(PALETTE) else "--"
+
+
+def _new_figure(title, height):
+    figure = Figure(figsize=(7.0, height), dpi=120, layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     axes.set_title(title)
-    axes.set_ylabel(y_label)
     axes.grid(True, alpha=0.3)
     return figure, axes
 
 
-def _line_figure(path, title, y_label, curves, log_scale):
-    """Draw (label, steps, values) curves; return ``path``, or None when there is nothing to draw."""
-    curves = [(label, steps, values) for label, steps, values in curves if steps]
-    if not curves:
+def _save(figure, stem):
+    for suffix in _FORMATS:
+        figure.savefig(stem.with_suffix(suffix), metadata=_METADATA[suffix])
+    return stem.with_suffix(_FORMATS[0])
+
+
+def _legend_columns(labels):
+    # Long labels (many hyper-parameters) get the figure's whole width.
+    return 1 if max(map(len, labels)) > 40 else 2
+
+
+def _legend(figure, handles, labels):
+    figure.legend(
+        handles, labels, loc="outside lower center", ncols=_legend_columns(labels), fontsize="small", frameon=False
+    )
+
+
+def _legend_height(labels):
+    """Inches the legend below the axes needs."""
+    return 0.2 * -(-(len(labels) + 1) // _legend_columns(labels))
+
+
+def _line_figure(stem, title, y_label, curves, *, log_scale, marks=(), mark_label=None, levels=False):
+    """Draw ``curves`` ((index, label, per-seed {step: value} series) triples) and ``marks`` ((index,
+    steps, values) of events); return the PNG path, or None when no curve has a point.
+
+    A curve that coincides with later ones (Adam and AdamW at one learning rate, most batch
+    sizes) is drawn wider than they are, so that each shows as a stripe. ``levels``: the values
+    are piecewise constant, drawn as steps on an axis from 0.
+    """
+    bands = [(index, label, _band(series)) for index, label, series in curves]
+    bands = [(index, label, band) for index, label, band in bands if band[0]]
+    if not bands:
         return None
-    figure, axes = _new_figure(title, y_label)
-    for label, steps, values in curves:
-        axes.plot(steps, values, label=label, linewidth=1.2)
+    labels = [label for _, label, _ in bands]
+    figure, axes = _new_figure(title, 4.2 + _legend_height(labels))
+    handles = []
+    for position, (index, label, (steps, mean, low, high)) in enumerate(bands):
+        colour, line_style = _style(index)
+        hidden_under = sum(later[2][:2] == (steps, mean) for later in bands[position + 1:])
+        width = 1.2 + 1.0 * hidden_under
+        drawstyle = "steps-post" if levels else "default"
+        (line,) = axes.plot(steps, mean, color=colour, linestyle=line_style, linewidth=width, drawstyle=drawstyle)
+        if low != high:
+            axes.fill_between(steps, low, high, color=colour, alpha=0.2, linewidth=0, step="post" if levels else None)
+        handles.append(line)
+    for index, steps, values in marks:
+        colour, _ = _style(index)
+        axes.plot(steps, values, linestyle="none", marker="o", markersize=4, color=colour, markeredgecolor="black",
+                  markeredgewidth=0.5)  # fmt: skip
+    if marks and mark_label:
+        handles.append(Line2D([], [], linestyle="none", marker="o", markersize=4, color="white",
+                              markeredgecolor="black", markeredgewidth=0.5))  # fmt: skip
+        labels.append(mark_label)
     axes.set_xlabel("training step")
+    axes.set_ylabel(y_label)
     if log_scale:
         axes.set_yscale("log")
-    axes.legend()
-    figure.savefig(path)
-    return path
+    if levels:
+        axes.set_ylim(bottom=0)
+    _legend(figure, handles, labels)
+    return _save(figure, stem)
 
 
-def _bar_figure(path, title, y_label, bars, is_accuracy):
-    """Draw one bar per (label, value) with its value written on it; None when there is none."""
-    if not bars:
+def _dot_figure(stem, title, x_label, dots):
+    """One dot per (index, short label, values over seeds): the mean, with min–max bars over seeds."""
+    if not dots:
         return None
-    figure, axes = _new_figure(title, y_label)
-    labels = [label for label, _ in bars]
-    values = [value for _, value in bars]
-    drawn = axes.bar(labels, values, color=[f"C{index}" for index in range(len(bars))], width=0.6)
-    axes.bar_label(drawn, labels=[f"{value:.4f}" for value in values], padding=2)
-    if is_accuracy:
-        # Close accuracies (0.70 against 0.72) would look equal on a 0..1 axis.
-        axes.set_ylim(max(0.0, min(values) - 0.05), min(1.0, max(values) + 0.03))
-    else:
-        axes.set_ylim(0.0, max(values) * 1.1)
-    figure.savefig(path)
-    return path
+    figure, axes = _new_figure(title, 1.6 + 0.42 * len(dots))
+    several = any(len(values) > 1 for _, _, values in dots)
+    for position, (index, _, values) in enumerate(dots):
+        colour, _ = _style(index)
+        mean, low, high = statistics.fmean(values), min(values), max(values)
+        axes.errorbar([mean], [position], xerr=[[mean - low], [high - mean]], fmt="o", color=colour, capsize=4,
+                      markersize=7)  # fmt: skip
+        if len(values) > 1:
+            axes.plot(values, [position] * len(values), linestyle="none", marker="|", markersize=10, color=colour)
+        axes.annotate(f"{mean:.4f}", (high, position), xytext=(8, 0), textcoords="offset points", va="center")
+    axes.set_yticks(range(len(dots)), [label for _, label, _ in dots])
+    axes.invert_yaxis()
+    axes.margins(x=0.2, y=0.5 / len(dots))
+    axes.set_xlabel(x_label + ("; dot: mean, bar: min–max over seeds" if several else ""))
+    return _save(figure, stem)
 
 
 def plot_runs(runs, folder, *, dataset, model):
-    """Write learning_rate.png, training_loss.png, validation_accuracy.png and test_accuracy.png
-    (regression: validation_rmse.png, test_rmse.png) for ``runs`` into ``folder``.
+    """Draw the figures of ``runs`` (``PlottedRun``s) into ``folder`` as .png and .pdf.
 
-    Titles read "<metric> <dataset> <model>". A figure with nothing to draw (a run without a test
-    record yet) is left out. Returns the paths written.
+    Writes learning_rate, training_loss, validation_accuracy, test_accuracy and
+    training_batch_size (regression: validation_rmse, test_rmse). Returns the paths of the PNG
+    files; each has its PDF beside it.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    runs_records = [(run.label, read_metrics(run.metrics_path)) for run in runs]
-    quality = _quality_metric([records for _, records in runs_records])
-    quality_words = "accuracy" if quality == "accuracy" else "RMSE"
+    entries = [(index, run, [read_metrics(path) for path in run.metrics_paths]) for index, run in enumerate(runs)]
+    entries = [(index, run, seeds) for index, run, seeds in entries if seeds]
+    quality = quality_of([records for _, _, seeds in entries for records in seeds])
+    words = "accuracy" if quality == "accuracy" else "RMSE"
     suffix = f"{dataset} {model}"
+
+    def curves(split, key, positive_only=False):
+        return [
+            (index, run.label, [_per_step(records, split, key, positive_only=positive_only) for records in seeds])
+            for index, run, seeds in entries
+        ]
+
+    measurements = []
+    for index, _, seeds in entries:
+        points = [
+            (record["step"], record["learning_rate"])
+            for records in seeds
+            for record in records
+            if record["split"] == "event" and record.get("event") == "measurement"
+            and isinstance(record.get("learning_rate"), (int, float)) and record["learning_rate"] > 0
+        ]  # fmt: skip
+        logged = sum(len(_per_step(records, "training", "learning_rate")) for records in seeds)
+        # Marks show when a rarely measuring method (LABPAL) measured; a search that measures at
+        # every step would only bury its own curve under them.
+        if points and len(points) < logged:
+            measurements.append((index, [step for step, _ in points], [value for _, value in points]))
+    tests = []
+    for index, run, seeds in entries:
+        values = [_per_step(records, "test", quality) for records in seeds]
+        values = [value for series in values for value in series.values()]
+        if values:
+            tests.append((index, run.short_label, values))
     written = [
+        # A learning rate of 0 (a line search before its first measurement) has no place on a log scale.
         _line_figure(
-            folder / "learning_rate.png",
+            folder / "learning_rate",
             f"learning rate {suffix}",
             "learning rate",
-            # A learning rate of 0 (LABPAL before its first measurement) has no place on a log scale.
-            [
-                (label, *_series(records, "training", "learning_rate", positive_only=True))
-                for label, records in runs_records
-            ],
+            curves("training", "learning_rate", positive_only=True),
             log_scale=True,
+            marks=measurements,
+            mark_label="measurement",
         ),
         _line_figure(
-            folder / "training_loss.png",
+            folder / "training_loss",
             f"training loss {suffix}",
             "training loss",
-            [(label, *_series(records, "training", "loss", positive_only=True)) for label, records in runs_records],
+            curves("training", "loss", positive_only=True),
             log_scale=True,
         ),
         _line_figure(
-            folder / f"validation_{quality}.png",
-            f"validation {quality_words} {suffix}",
-            f"validation {quality_words}",
-            [(label, *_series(records, "validation", quality)) for label, records in runs_records],
+            folder / f"validation_{quality}",
+            f"validation {words} {suffix}",
+            f"validation {words}",
+            curves("validation", quality),
             log_scale=False,
         ),
-        _bar_figure(
-            folder / f"test_{quality}.png",
-            f"test {quality_words} {suffix}",
-            f"test {quality_words} (best validation checkpoint)",
-            [
-                (label, _final_value(records, "test", quality))
-                for label, records in runs_records
-                if _final_value(records, "test", quality) is not None
-            ],
-            is_accuracy=quality == "accuracy",
+        _dot_figure(
+            folder / f"test_{quality}",
+            f"test {words} {suffix}",
+            f"test {words} of the best validation checkpoint",
+            tests,
+        ),
+        _line_figure(
+            folder / "training_batch_size",
+            f"training batch size {suffix}",
+            "training batch size (samples)",
+            curves("training", "training_batch_size"),
+            log_scale=False,
+            levels=True,
         ),
     ]
     return [path for path in written if path is not None]

@@ -17,6 +17,7 @@ __all__ = ["RESUMABLE", "RunFolder"]
 
 RESUMABLE = {
     ("experiment", "device"),
+    ("experiment", "label"),
     ("experiment", "cpu_threads"),
     ("experiment", "runs_folder"),
     ("data", "root"),

@@ -185,12 +185,13 @@ class Trainer:
     def _optimizer_values(self, steps_done):
         """The optimizer's numbers after ``steps_done`` steps: learning rate, training batch size, passes, ….
 
-        A line search reports its own (a learning rate of 0 before it has chosen one); a plain
-        optimizer runs on the schedule's learning rate with one forward and backward pass a step.
+        A line search reports its own (a learning rate of 0 before it has chosen one, and the
+        inference batch size unless it trains on larger batches, as LABPAL does); a plain optimizer
+        runs on the schedule's learning rate with one forward and backward pass a step.
         """
         optimizer = self.experiment.optimizer
         if self.experiment.is_line_search:
-            return {"learning_rate": 0.0, **optimizer.log_values()}
+            return {"learning_rate": 0.0, "training_batch_size": self.training["batch_size"], **optimizer.log_values()}
         return {
             "learning_rate": float(optimizer.param_groups[0]["lr"]),
             "training_batch_size": self.training["batch_size"],

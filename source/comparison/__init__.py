@@ -1,0 +1,21 @@
+"""Comparisons of optimizers: one configuration, several entries, one run per entry and seed.
+
+``run_comparison(configuration)`` trains them all in ``<runs_folder>/<experiment name>/`` and
+writes results.csv, results.md and the figures there; ``write_results(folders, out)`` writes the
+same files again from the folders on disk.
+"""
+
+from source.comparison.entries import Comparison, Entry, read_comparison
+from source.comparison.results import collect_entries, result_rows, write_results
+from source.comparison.runner import ComparisonOutcome, run_comparison
+
+__all__ = [
+    "Comparison",
+    "ComparisonOutcome",
+    "Entry",
+    "collect_entries",
+    "read_comparison",
+    "result_rows",
+    "run_comparison",
+    "write_results",
+]

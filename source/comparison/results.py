@@ -1,0 +1,321 @@
+"""The results of finished (or partly finished) runs: one table row and one legend entry per entry.
+
+Everything is read from the folders on disk, each run's own configuration.txt and metrics.jsonl,
+so that a comparison that just trained and ``python -m source.plotting`` on its folder later
+write the same files. A folder is a comparison folder (its configuration.txt has [comparison]:
+its entries in file order, each with its seeds' runs) or a run folder (an entry of one run; the run
+folders of a comparison entry, <entry id>/seed_<seed>, join into one entry named <entry id>).
+"""
+
+import csv
+import io
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from source.comparison.entries import read_comparison, run_name
+from source.configuration import load_configuration
+from source.errors import UserError
+from source.plotting.curves import PlottedRun, legend_label, plot_runs, quality_of, read_metrics
+
+__all__ = ["EntryRuns", "collect_entries", "result_rows", "write_results"]
+
+CSV_FILE = "results.csv"
+MARKDOWN_FILE = "results.md"
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One run: its folder, seed, configuration and metric records."""
+
+    folder: Path
+    seed: int
+    configuration: object
+    records: list
+
+
+@dataclass(frozen=True)
+class EntryRuns:
+    """One entry (one table row, one colour in the figures) and the runs of its seeds found on disk."""
+
+    id: str
+    label: str
+    optimizer: str
+    seeds: tuple
+    runs: tuple
+
+    @property
+    def legend(self):
+        """The legend text: the label with the entry's explicit hyper-parameters, from its runs."""
+        return legend_label(self.runs[0].configuration) if self.runs else self.label
+
+
+def _folder_configuration(folder):
+    """The configuration.txt of a run or comparison folder; ``UserError`` when it has none."""
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder: give run folders or comparison folders")
+    path = folder / "configuration.txt"
+    if not path.is_file():
+        raise UserError(f"{folder} has no configuration.txt: give a run folder or a comparison folder")
+    return load_configuration(path)
+
+
+def _read_run(folder, configuration):
+    """The ``RunResult`` of a run folder with its loaded configuration."""
+    metrics_path = folder / "metrics.jsonl"
+    records = read_metrics(metrics_path) if metrics_path.is_file() else []
+    return RunResult(folder, configuration["experiment"]["seed"], configuration, records)
+
+
+def _comparison_entries(folder, configuration):
+    comparison = read_comparison(configuration)
+    entries = []
+    for entry in comparison.entries:
+        run_folders = [folder / entry.id / run_name(seed) for seed in comparison.seeds]
+        runs = [
+            _read_run(run_folder, load_configuration(run_folder / "configuration.txt"))
+            for run_folder in run_folders
+            if (run_folder / "configuration.txt").is_file()
+        ]
+        entries.append(EntryRuns(entry.id, entry.label, entry.optimizer, comparison.seeds, tuple(runs)))
+    return entries
+
+
+def _is_entry_seed(run, folder):
+    """Whether a run folder is one seed of a comparison entry: <entry id>/seed_<seed>."""
+    return folder.name == run_name(run.seed)
+
+
+def collect_entries(folders):
+    """The entries of ``folders`` (comparison or run folders), in the order given.
+
+    Raises ``UserError`` for a folder that is neither, or whose files cannot be read.
+    """
+    entries, by_key = [], {}
+    for folder in map(Path, folders):
+        configuration = _folder_configuration(folder)
+        if configuration.is_comparison:
+            entries.extend(_comparison_entries(folder, configuration))
+            continue
+        run = _read_run(folder, configuration)
+        if not run.records:
+            raise UserError(f"{folder} has no metrics yet (no metrics.jsonl): train the run first")
+        # The seeds of one comparison entry form one entry; any other run folder is an entry of its own.
+        key = folder.parent.resolve() if _is_entry_seed(run, folder) else folder.resolve()
+        if key in by_key:
+            previous = by_key[key]
+            if any(earlier.folder.resolve() == run.folder.resolve() for earlier in previous.runs):
+                continue
+            entries[entries.index(previous)] = by_key[key] = EntryRuns(
+                previous.id, previous.label, previous.optimizer, previous.seeds + (run.seed,), previous.runs + (run,)
+            )
+            continue
+        experiment = configuration["experiment"]
+        entry = EntryRuns(
+            id=key.name,
+            label=experiment["label"] or experiment["name"],
+            optimizer=configuration["optimizer"]["name"],
+            seeds=(run.seed,),
+            runs=(run,),
+        )
+        by_key[key] = entry
+        entries.append(entry)
+    return entries
+
+
+def _records(run, split):
+    return [record for record in run.records if record["split"] == split]
+
+
+def _last(records, key):
+    values = [record[key] for record in records if key in record]
+    return values[-1] if values else None
+
+
+def _run_values(run, quality, higher_is_better):
+    """The numbers one run contributes to its row (None where the run has no such record yet)."""
+    validation = [record[quality] for record in _records(run, "validation") if not math.isnan(record[quality])]
+    test = _records(run, "test")
+    training = _records(run, "training")
+    best = (max if higher_is_better else min)(validation) if validation else None
+    # The test record carries the totals at the end; an unfinished run has its last log's.
+    timed = test or _records(run, "validation")
+    counted = test or training
+    return {
+        "best_validation": best,
+        "test": test[-1][quality] if test else None,
+        "final_training_loss": _last(training, "loss"),
+        "wall_time_seconds": _last(timed, "elapsed_seconds"),
+        "forward_passes": _last(counted, "forward_passes"),
+        "backward_passes": _last(counted, "backward_passes"),
+        "finished": bool(test),
+    }
+
+
+def _mean(values):
+    values = [value for value in values if value is not None]
+    return statistics.fmean(values) if values else None
+
+
+def _std(values):
+    """The sample standard deviation over seeds; None for fewer than two."""
+    values = [value for value in values if value is not None]
+    return statistics.stdev(values) if len(values) > 1 else None
+
+
+def _status(entry, finished_runs):
+    if not entry.runs:
+        return "not started"
+    if finished_runs == len(entry.seeds):
+        return "finished"
+    return f"incomplete ({finished_runs}/{len(entry.seeds)} seeds finished)"
+
+
+def result_rows(entries):
+    """The table: column names, then one row (a dict by column) per entry, seeds aggregated.
+
+    Classification reports accuracy columns, regression rmse ones (the best validation value is
+    the highest accuracy, or the lowest RMSE). Passes and wall time are means over the seeds.
+    """
+    quality = quality_of([run.records for entry in entries for run in entry.runs])
+    higher_is_better = quality == "accuracy"
+    columns = [
+        "entry",
+        "label",
+        "optimizer",
+        "seeds",
+        f"best_validation_{quality}_mean",
+        f"best_validation_{quality}_std",
+        f"test_{quality}_mean",
+        f"test_{quality}_std",
+        "final_training_loss_mean",
+        "wall_time_seconds_mean",
+        "forward_passes",
+        "backward_passes",
+        "status",
+    ]
+    rows = []
+    for entry in entries:
+        values = [_run_values(run, quality, higher_is_better) for run in entry.runs]
+        column = {key: [value[key] for value in values] for key in values[0]} if values else {}
+
+        def mean(key):
+            return _mean(column.get(key, []))
+
+        def whole(key):
+            average = mean(key)
+            return None if average is None else round(average)
+
+        rows.append(
+            {
+                "entry": entry.id,
+                "label": entry.label,
+                "optimizer": entry.optimizer,
+                "seeds": " ".join(map(str, entry.seeds)),
+                f"best_validation_{quality}_mean": mean("best_validation"),
+                f"best_validation_{quality}_std": _std(column.get("best_validation", [])),
+                f"test_{quality}_mean": mean("test"),
+                f"test_{quality}_std": _std(column.get("test", [])),
+                "final_training_loss_mean": mean("final_training_loss"),
+                "wall_time_seconds_mean": mean("wall_time_seconds"),
+                "forward_passes": whole("forward_passes"),
+                "backward_passes": whole("backward_passes"),
+                "status": _status(entry, sum(column.get("finished", []))),
+            }
+        )
+    return columns, rows
+
+
+def _csv_value(value):
+    """Empty for a missing value; floats to 8 significant digits, which hides summation noise."""
+    if value is None:
+        return ""
+    return format(value, ".8g") if isinstance(value, float) else value
+
+
+def _csv_text(columns, rows):
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: _csv_value(value) for key, value in row.items()})
+    return text.getvalue()
+
+
+def _markdown_text(columns, rows):
+    quality = "accuracy" if "test_accuracy_mean" in columns else "rmse"
+    words = "accuracy" if quality == "accuracy" else "RMSE"
+
+    def spread(row, name):
+        mean, std = row[f"{name}_mean"], row[f"{name}_std"]
+        if mean is None:
+            return "–"
+        return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
+
+    def number(value, form):
+        return "–" if value is None else format(value, form)
+
+    header = [
+        "entry",
+        "label",
+        "optimizer",
+        "seeds",
+        f"best validation {words}",
+        f"test {words}",
+        "final training loss",
+        "wall time (s)",
+        "forward passes",
+        "backward passes",
+        "status",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    for row in rows:
+        cells = [
+            row["entry"],
+            row["label"].replace("|", "\\|"),
+            row["optimizer"],
+            row["seeds"],
+            spread(row, f"best_validation_{quality}"),
+            spread(row, f"test_{quality}"),
+            number(row["final_training_loss_mean"], ".4g"),
+            number(row["wall_time_seconds_mean"], ".1f"),
+            number(row["forward_passes"], "d"),
+            number(row["backward_passes"], "d"),
+            row["status"],
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    note = "Mean ± sample standard deviation over the seeds; test: the checkpoint of best validation."
+    return "\n".join(lines) + f"\n\n{note}\n"
+
+
+def _dataset_and_model(entries):
+    """The data set and model named in the runs' configurations (joined when they differ)."""
+    configurations = [run.configuration for entry in entries for run in entry.runs]
+    datasets = dict.fromkeys(configuration["data"]["name"] for configuration in configurations)
+    models = dict.fromkeys(configuration["model"]["name"] for configuration in configurations)
+    return ", ".join(datasets), ", ".join(models)
+
+
+def write_results(entries, out):
+    """Write results.csv, results.md and the figures (.png and .pdf) of ``entries`` (from
+    ``collect_entries``) into ``out``. Returns the paths written (figures: their PNG files) and
+    the Markdown table.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    columns, rows = result_rows(entries)
+    table = _markdown_text(columns, rows)
+    (out / CSV_FILE).write_text(_csv_text(columns, rows), encoding="utf-8")
+    (out / MARKDOWN_FILE).write_text(table, encoding="utf-8")
+    dataset, model = _dataset_and_model(entries)
+    figures = plot_runs(
+        [
+            PlottedRun(entry.legend, tuple(run.folder / "metrics.jsonl" for run in entry.runs), entry.label)
+            for entry in entries
+        ],
+        out,
+        dataset=dataset,
+        model=model,
+    )
+    return [out / CSV_FILE, out / MARKDOWN_FILE, *figures], table

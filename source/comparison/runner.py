@@ -1,0 +1,138 @@
+"""Run a comparison: every entry with every seed, one ordinary run after another, then the results.
+
+The comparison folder ``<runs_folder>/<experiment name>/`` holds the comparison's resolved
+configuration.txt, one folder per entry with one run folder per seed, and the results
+(results.csv, results.md and the figures as .png and .pdf). As with a single run, an existing
+comparison folder is never reused without --resume; --resume skips the runs that finished,
+continues the interrupted one from its last checkpoint and starts the rest.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from source.comparison.entries import read_comparison
+from source.comparison.results import collect_entries, write_results
+from source.configuration import COMPARISON, differing_keys, format_configuration, key_label, load_configuration
+from source.errors import UserError
+from source.training import run_experiment
+from source.training.checkpoints import load_checkpoint, write_text_atomically
+from source.training.run_folder import RESUMABLE
+
+__all__ = ["ComparisonOutcome", "run_comparison"]
+
+CONFIGURATION_FILE = "configuration.txt"
+"""The comparison's resolved configuration, in the comparison folder."""
+
+
+@dataclass(frozen=True)
+class ComparisonOutcome:
+    """How a comparison ended: its folder, whether every run finished, and the files it wrote."""
+
+    folder: Path
+    finished: bool
+    run_folders: list
+    files: list
+    table: str
+
+
+def _progress(message):
+    print(message, flush=True)
+
+
+def _check_can_start(comparison, resume):
+    """Raise ``UserError`` unless the comparison may start in its folder (or, with ``resume``, continue)."""
+    folder = comparison.folder
+    stored_path = folder / CONFIGURATION_FILE
+    if not resume:
+        if folder.exists():
+            raise UserError(
+                f"{folder} already exists: continue that comparison with --resume, or start a new one "
+                "under another name with --set experiment.name=NAME"
+            )
+        return
+    if not folder.exists():
+        raise UserError(f"cannot resume {folder}: it does not exist; start the comparison without --resume")
+    stored = load_configuration(stored_path) if stored_path.is_file() else None
+    if stored is None or not stored.is_comparison:
+        raise UserError(f"cannot resume {folder}: it has no comparison configuration.txt, so it is not a comparison")
+    changed = [
+        key_label(path[:-1], path[-1])
+        for path in differing_keys(stored, comparison.configuration)
+        if path not in RESUMABLE and not _is_addition(path, stored, comparison)
+    ]
+    if changed:
+        raise UserError(
+            f"cannot resume {folder}: {', '.join(changed)} differ from its configuration.txt (entries and "
+            f"seeds may be added, not changed); resume with --config {stored_path}"
+        )
+
+
+def _is_addition(path, stored, comparison):
+    """Whether a difference only adds an entry, or seeds, to the stored comparison."""
+    if path[0] != COMPARISON:
+        return False
+    if path == (COMPARISON, "seeds"):
+        return set(read_comparison(stored).seeds) <= set(comparison.seeds)
+    return len(path) == 2 and path[1] not in stored[COMPARISON]
+
+
+def _finished_step(run_folder, total):
+    """The step an existing run has reached, and whether it finished all ``total`` steps."""
+    if not run_folder.last_checkpoint_path.exists():
+        return 0, False
+    checkpoint = load_checkpoint(run_folder.last_checkpoint_path)
+    return checkpoint["step"], checkpoint["finished"] and checkpoint["step"] == total
+
+
+def run_comparison(configuration, *, resume=False, stop_after_steps=None):
+    """Train every entry of the comparison ``configuration`` with every seed; write and return the results.
+
+    Everything (each entry's optimizer and schedule on the real model included) is validated
+    before the comparison folder is created. ``stop_after_steps`` stops after that many training
+    steps in all, as if interrupted; so does Ctrl-C. Returns a ``ComparisonOutcome``.
+    """
+    comparison = read_comparison(configuration)
+    _check_can_start(comparison, resume)
+    comparison.check_entries_build()
+    folder = comparison.folder
+    folder.mkdir(parents=True, exist_ok=resume)
+    header = [
+        f"Resolved configuration of the comparison in {folder}: {configuration.source},",
+        "the --set overrides and the defaults of source/configuration/configspec.ini.",
+        f"Resume it with: python main.py --config {folder / CONFIGURATION_FILE} --resume",
+    ]
+    write_text_atomically(format_configuration(configuration, header), folder / CONFIGURATION_FILE)
+    total = configuration["training"]["training_steps"]
+    runs = comparison.runs()
+    steps_left = stop_after_steps
+    finished = True
+    for number, (entry, seed) in enumerate(runs, start=1):
+        name = f"[{number}/{len(runs)}] {entry.id} ({entry.label}) seed {seed}"
+        run_configuration = comparison.run_configuration(entry, seed)
+        run_folder = comparison.run_folder(entry, seed)
+        start, done = _finished_step(run_folder, total)
+        if done:
+            _progress(f"{name}: finished already, skipped")
+            continue
+        if steps_left == 0:
+            finished = False
+            break
+        _progress(f"{name}: {'resuming from step ' + str(start) if start else 'starting'} in {run_folder.path}")
+        outcome = run_experiment(run_configuration, resume=run_folder.path.exists(), stop_after_steps=steps_left)
+        if steps_left is not None:
+            steps_left -= outcome.step - start
+        if not outcome.finished:
+            finished = False
+            break
+        quality = "accuracy" if "accuracy" in outcome.test else "rmse"
+        _progress(f"{name}: finished, test {quality} {outcome.test[quality]:.4f}")
+    if not finished:
+        _progress(f"comparison stopped; continue it with --resume (results so far in {folder})")
+    files, table = write_results(collect_entries([folder]), folder)
+    return ComparisonOutcome(
+        folder=folder,
+        finished=finished,
+        run_folders=[comparison.run_folder(entry, seed).path for entry, seed in runs],
+        files=files,
+        table=table,
+    )

@@ -1,0 +1,70 @@
+"""Redraw the figures and the results table of finished runs, without training.
+
+    python -m source.plotting runs/compare_digits                  # into the comparison folder
+    python -m source.plotting runs/a runs/b --out plots/a_and_b     # run folders side by side
+
+Each FOLDER is a comparison folder (all its entries) or a run folder (one entry; the seed folders
+of one comparison entry join into one). Labels, data set and model come from each run's own
+configuration.txt. Writes results.csv, results.md and every figure as .png and .pdf into --out,
+by default into the comparison folder when there is exactly one. A problem with the input ends
+with one line on stderr and exit status 2.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from source.comparison import collect_entries, write_results
+from source.configuration import load_configuration
+from source.errors import UserError
+
+USAGE_ERROR = 2
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as a one-line ``UserError``."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see python -m source.plotting --help)")
+
+
+def parse_arguments(argv):
+    """The command line: FOLDER... and --out DIR."""
+    parser = _ArgumentParser(
+        prog="python -m source.plotting",
+        description="Redraw figures and results table of run or comparison folders.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("folders", nargs="+", metavar="FOLDER", help="a run folder or a comparison folder")
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        help="folder for the figures and the table (default: the comparison folder, when only one is given)",
+    )
+    return parser.parse_args(argv)
+
+
+def _default_out(folders):
+    """The one comparison folder given; ``UserError`` otherwise."""
+    if len(folders) == 1 and load_configuration(Path(folders[0]) / "configuration.txt").is_comparison:
+        return Path(folders[0])
+    raise UserError("give --out DIR: without it the files go into the comparison folder, when it is the only folder")
+
+
+def main(argv=None):
+    """Entry point: returns 0 on success, 2 after a one-line error about the input."""
+    try:
+        arguments = parse_arguments(argv)
+        entries = collect_entries(arguments.folders)
+        out = Path(arguments.out) if arguments.out else _default_out(arguments.folders)
+        files, table = write_results(entries, out)
+    except UserError as error:
+        print(f"error: {' '.join(str(error).splitlines())}", file=sys.stderr)
+        return USAGE_ERROR
+    print(table, end="")
+    print(f"written to {out}: {', '.join(path.name for path in files)} (figures also as .pdf)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
