@@ -229,8 +229,7 @@ def test_satisfies_the_line_search_protocol():
     theta, _, _, loss = quadratic_problem()
     optimizer = Pal([theta])
     assert isinstance(optimizer, LineSearch) and Pal.closure_loss == MEAN_LOSS
-    assert optimizer.log_values() == dict(learning_rate=0.0, step_size=0.0, forward_passes=0, backward_passes=0,
-                                          failed_steps=0)
+    assert optimizer.log_values() == dict(learning_rate=0.0, forward_passes=0, backward_passes=0, failed_steps=0)
     optimizer.step(loss)
     assert optimizer.take_events() == []
     assert isinstance(optimizer.param_groups[0]["lr"], torch.Tensor)

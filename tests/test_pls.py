@@ -399,6 +399,8 @@ def test_follows_the_line_search_protocol_and_reports_acceptances():
     inputs, targets = batches[0]
     loss = optimizer.step(make_batch_closure(model, SAMPLE_CROSS_ENTROPY, inputs, targets))
     assert loss.item() == pytest.approx(SAMPLE_CROSS_ENTROPY(model(inputs), targets).mean().item())
+    before_acceptance = optimizer.log_values()  # no step size yet: left out, never NaN
+    assert "step_size" not in before_acceptance and all(map(math.isfinite, before_acceptance.values()))
     run_steps(optimizer, model, batches[1:])
     values = optimizer.log_values()
     measurements = [event for event in optimizer.take_events() if event["event"] == "measurement"]

@@ -4,8 +4,15 @@ import math
 from collections.abc import Iterable
 
 import torch
-from torch.optim import Optimizer
 
+from .lab_pal.line_search_base import (
+    LineSearchBase,
+    global_dot,
+    global_norm,
+    is_finite_number,
+    log_values_known,
+    require,
+)
 from .line_search import MEAN_LOSS
 
 __all__ = ["GolsI"]
@@ -22,7 +29,7 @@ AT_BOUND = "at_bound"
 CONTINUE = "continue"
 
 
-class GolsI(Optimizer):
+class GolsI(LineSearchBase):
     r"""Inexact Gradient-Only Line Search (GOLS-I).
 
     D. Kafka and D. N. Wilke, "Resolving learning rates adaptively by locating
@@ -95,7 +102,8 @@ class GolsI(Optimizer):
     before the first line ends): with β = 0 the update is x_n − α g, so α is the
     learning rate. The decisions read F' on the host, which waits for the
     device once per step (twice when a line ends). All parameters share one
-    device and dtype. One parameter group only.
+    device and dtype, and there is one parameter group
+    (:class:`~source.optimizer.lab_pal.line_search_base.LineSearchBase` checks both).
 
     Example:
         >>> optimizer = GolsI(model.parameters(), buffers=model.buffers())
@@ -118,14 +126,14 @@ class GolsI(Optimizer):
         max_step_size: float = 1e7,
         buffers: Iterable[torch.Tensor] | None = None,
     ):
-        _require(_is_finite_number(initial_step_size) and initial_step_size > 0, "initial_step_size",
-                 initial_step_size, "> 0")
-        _require(_is_finite_number(c) and 0 < c < 1, "c", c, "in (0, 1)")
-        _require(_is_finite_number(eta) and eta > 1, "eta", eta, "> 1")
-        _require(_is_finite_number(momentum) and 0 <= momentum < 1, "momentum", momentum, "in [0, 1)")
-        _require(_is_finite_number(min_step_size) and min_step_size > 0, "min_step_size", min_step_size, "> 0")
-        _require(_is_finite_number(max_step_size) and max_step_size > min_step_size, "max_step_size",
-                 max_step_size, "> min_step_size")
+        require(is_finite_number(initial_step_size) and initial_step_size > 0, "initial_step_size",
+                initial_step_size, "> 0")
+        require(is_finite_number(c) and 0 < c < 1, "c", c, "in (0, 1)")
+        require(is_finite_number(eta) and eta > 1, "eta", eta, "> 1")
+        require(is_finite_number(momentum) and 0 <= momentum < 1, "momentum", momentum, "in [0, 1)")
+        require(is_finite_number(min_step_size) and min_step_size > 0, "min_step_size", min_step_size, "> 0")
+        require(is_finite_number(max_step_size) and max_step_size > min_step_size, "max_step_size",
+                max_step_size, "> min_step_size")
         defaults = dict(
             lr=float(initial_step_size),
             c=float(c),
@@ -134,14 +142,7 @@ class GolsI(Optimizer):
             min_step_size=float(min_step_size),
             max_step_size=float(max_step_size),
         )
-        super().__init__(params, defaults)
-        kinds = {(p.device, p.dtype) for p in self._params()}
-        if len(kinds) > 1:
-            raise ValueError(
-                f"Invalid parameters: they span {sorted(map(str, kinds))}; GolsI takes the directional "
-                "derivative over all parameters at once, so move them to one device and dtype first"
-            )
-        self._buffers = list(buffers) if buffers is not None else []
+        super().__init__(params, defaults, buffers)
         self._progress = dict(
             position=AT_ORIGIN,
             step_size=float(initial_step_size),  # α: the one being tried, or carried to the next line
@@ -156,16 +157,6 @@ class GolsI(Optimizer):
             lines=0,
             failures=0,
         )
-        self._events = []
-
-    def add_param_group(self, param_group: dict) -> None:
-        """Add the single parameter group; GOLS-I searches one step size along the whole direction."""
-        if self.param_groups:
-            raise ValueError(
-                "Invalid parameter groups: GolsI searches one step size along the direction of all "
-                "parameters, so it takes exactly one parameter group; pass all parameters in one group"
-            )
-        super().add_param_group(param_group)
 
     # ------------------------------------------------------------------ reporting and state
 
@@ -180,12 +171,7 @@ class GolsI(Optimizer):
             "lines": progress["lines"],
             "failures": progress["failures"],
         }
-        return {name: float(value) for name, value in values.items() if value is not None}
-
-    def take_events(self) -> list[dict]:
-        """The accepted lines (``"measurement"``) and failures since the last call, oldest first."""
-        events, self._events = self._events, []
-        return events
+        return log_values_known(values)
 
     def state_dict(self) -> dict:
         """The optimizer state: line origin and direction per parameter, position on the line, counters."""
@@ -205,23 +191,16 @@ class GolsI(Optimizer):
     @torch.no_grad()
     def step(self, closure) -> torch.Tensor:
         """Evaluate one batch at the current point, advance the search; return the batch loss there."""
-        if closure is None:
-            raise ValueError("Invalid closure: None; GolsI.step needs a closure (see make_batch_closure)")
+        self._require_closure(closure)
         progress = self._progress
         params = self._params()
-        saved_buffers = [buffer.clone() for buffer in self._buffers]
-        self.zero_grad(set_to_none=True)
-        with torch.enable_grad():
-            loss = closure()
-            loss.backward()
-        loss = loss.detach()
+        saved_buffers = self._save_buffers()
+        loss = self._loss_with_gradient(closure, progress)
         progress["steps"] += 1
-        progress["forward_passes"] += 1
-        progress["backward_passes"] += 1
         gradients = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         if progress["position"] == AT_ORIGIN:
             if not self._start_line(params, gradients, loss):
-                self._restore(saved_buffers)
+                self._restore_buffers(saved_buffers)
         else:
             self._judge_trial(params, gradients, loss, saved_buffers)
         return loss
@@ -236,15 +215,15 @@ class GolsI(Optimizer):
             candidate = torch._foreach_sub(torch._foreach_mul(directions, momentum), gradients)
         else:
             candidate = torch._foreach_neg(gradients)
-        norm = _global_norm(candidate)
-        derivative = _global_dot(gradients, candidate) / torch.clamp_min(norm, torch.finfo(norm.dtype).tiny)
+        norm = global_norm(candidate)
+        derivative = global_dot(gradients, candidate) / torch.clamp_min(norm, torch.finfo(norm.dtype).tiny)
         loss_value, norm_value, derivative_value = torch.stack([loss.to(norm.dtype), norm, derivative]).tolist()
         if not all(map(math.isfinite, (loss_value, norm_value, derivative_value))):
             self._fail(f"non-finite loss {loss_value:.3g} or gradient at the line origin")
             return False
         if derivative_value >= 0 and momentum > 0:
             candidate = torch._foreach_neg(gradients)
-            norm_value = _global_norm(candidate).item()
+            norm_value = global_norm(candidate).item()
             derivative_value = -norm_value
         torch._foreach_copy_(directions, candidate)
         for p in params:
@@ -268,10 +247,10 @@ class GolsI(Optimizer):
         progress["line_evaluations"] += 1
         directions = [self._state_tensor(p, "direction") for p in params]
         norm = max(progress["direction_norm"], torch.finfo(torch.float64).tiny)
-        derivative = _global_dot(gradients, directions) / norm
+        derivative = global_dot(gradients, directions) / norm
         loss_value, derivative_value = torch.stack([loss.to(derivative.dtype), derivative]).tolist()
         if not (math.isfinite(loss_value) and math.isfinite(derivative_value)):
-            self._restore(saved_buffers)
+            self._restore_buffers(saved_buffers)
             self._fail(f"non-finite loss {loss_value:.3g} or gradient at step size {progress['step_size']:.3g}; "
                        "back to the line origin")
             group = self.param_groups[0]
@@ -281,13 +260,13 @@ class GolsI(Optimizer):
             return
         decision = self._decide(derivative_value)
         if decision == CONTINUE:
-            self._restore(saved_buffers)
+            self._restore_buffers(saved_buffers)
             self._move_on_line(params)
             return
         self._accept(decision, derivative_value)
         progress["position"] = AT_ORIGIN
         if not self._start_line(params, gradients, loss):
-            self._restore(saved_buffers)
+            self._restore_buffers(saved_buffers)
 
     def _decide(self, derivative: float) -> str:
         """Accept α, stop at a bound, or set the next α (and the phase) from the sign of F'(α)."""
@@ -318,8 +297,7 @@ class GolsI(Optimizer):
         self.param_groups[0]["lr"] = step_size
         progress["accepted_distance"] = distance
         progress["lines"] += 1
-        self._events.append(dict(event="measurement", learning_rate=step_size, step_size=distance,
-                                 evaluations=progress["line_evaluations"]))
+        self._report_measurement(step_size, distance, evaluations=progress["line_evaluations"])
         if decision == AT_BOUND:
             bound = "maximum" if derivative < 0 else "minimum"
             self._fail(f"step size reached its {bound} {step_size:.3g} without a sign change of the "
@@ -333,36 +311,7 @@ class GolsI(Optimizer):
         torch._foreach_add_(params, [self._state_tensor(p, "direction") for p in params],
                             alpha=self._progress["step_size"])
 
-    def _restore(self, saved_buffers) -> None:
-        for buffer, saved in zip(self._buffers, saved_buffers):
-            buffer.copy_(saved)
-
     def _fail(self, reason: str) -> None:
         self._progress["failures"] += 1
-        self._events.append(dict(event="failure", reason=reason))
+        self._report_failure(reason)
 
-    def _params(self) -> list[torch.Tensor]:
-        return self.param_groups[0]["params"]
-
-    def _state_tensor(self, param: torch.Tensor, name: str) -> torch.Tensor:
-        state = self.state[param]
-        if name not in state:
-            state[name] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        return state[name]
-
-
-def _global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
-
-
-def _global_dot(first: list[torch.Tensor], second: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack([torch.sum(a * b) for a, b in zip(first, second)]).sum()
-
-
-def _is_finite_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _require(condition: bool, name: str, value, valid: str) -> None:
-    if not condition:
-        raise ValueError(f"Invalid {name}: {value!r}; it must be {valid}")

@@ -1,17 +1,23 @@
 """PAL: the Parabolic Approximation Line Search, one extra forward pass per step."""
 
-import math
 from collections.abc import Iterable
 
 import torch
-from torch.optim import Optimizer
 
+from .lab_pal.line_search_base import (
+    LineSearchBase,
+    global_dot,
+    global_norm,
+    is_finite_number,
+    log_values_known,
+    require,
+)
 from .line_search import MEAN_LOSS
 
 __all__ = ["Pal", "pal_step_size"]
 
 
-class Pal(Optimizer):
+class Pal(LineSearchBase):
     r"""Parabolic Approximation Line Search (PAL).
 
     Mutschler and Zell, "Parabolic Approximation Line Search for DNNs", NeurIPS 2020.
@@ -63,7 +69,8 @@ class Pal(Optimizer):
 
     Parameters without a gradient after ``backward`` are left alone, as in torch's
     SGD. All parameters must share one device and dtype, and there is one parameter
-    group: the line search runs along the direction of all parameters together.
+    group: the line search runs along the direction of all parameters together
+    (:class:`~source.optimizer.lab_pal.line_search_base.LineSearchBase` checks both).
     ``param_groups[0]["lr"]`` holds the last learning rate s/‖d‖ as a 0-dim tensor
     (read it as a float only at log time: that waits for the device); it is an
     output, so setting it has no effect.
@@ -91,16 +98,17 @@ class Pal(Optimizer):
         exact_directional_derivative: bool = True,
         buffers: Iterable[torch.Tensor] | None = None,
     ):
-        _require(_positive(measuring_step), "measuring_step", measuring_step, "a finite number > 0")
-        _require(_positive(max_step), "max_step", max_step, "a finite number > 0")
-        _require(
+        require(is_finite_number(measuring_step) and measuring_step > 0, "measuring_step", measuring_step,
+                "a finite number > 0")
+        require(is_finite_number(max_step) and max_step > 0, "max_step", max_step, "a finite number > 0")
+        require(
             isinstance(conjugate_gradient_factor, (int, float)) and 0 <= conjugate_gradient_factor < 1,
             "conjugate_gradient_factor", conjugate_gradient_factor, "in [0, 1)",
         )
-        _require(_positive(update_step_adaptation), "update_step_adaptation", update_step_adaptation,
-                 "a finite number > 0")
-        _require(isinstance(exact_directional_derivative, bool), "exact_directional_derivative",
-                 exact_directional_derivative, "True or False")
+        require(is_finite_number(update_step_adaptation) and update_step_adaptation > 0, "update_step_adaptation",
+                update_step_adaptation, "a finite number > 0")
+        require(isinstance(exact_directional_derivative, bool), "exact_directional_derivative",
+                exact_directional_derivative, "True or False")
         defaults = dict(
             lr=0.0,
             measuring_step=float(measuring_step),
@@ -109,42 +117,21 @@ class Pal(Optimizer):
             update_step_adaptation=float(update_step_adaptation),
             exact_directional_derivative=exact_directional_derivative,
         )
-        super().__init__(params, defaults)
-        kinds = {(p.device, p.dtype) for p in self._params()}
-        if len(kinds) > 1:
-            raise ValueError(
-                f"Invalid parameters: they span {sorted(map(str, kinds))}; Pal measures one norm over "
-                "all parameters, so move them to one device and dtype first"
-            )
-        self._buffers = list(buffers) if buffers is not None else []
+        super().__init__(params, defaults, buffers)
         self._progress = _initial_progress()
-
-    def add_param_group(self, param_group: dict) -> None:
-        """Add the single parameter group; PAL searches one line through all parameters."""
-        if self.param_groups:
-            raise ValueError(
-                "Invalid parameter groups: Pal searches one line along the direction of all "
-                "parameters, so it takes exactly one parameter group; pass all parameters in one group"
-            )
-        super().add_param_group(param_group)
 
     # ------------------------------------------------------------------ reporting
 
     def log_values(self) -> dict[str, float]:
-        """Learning rate and step size of the last step, pass counts and failed steps (waits for the device)."""
+        """Learning rate and step size of the last step (none before the first), passes, failed steps (waits)."""
         progress = self._progress
-        step_size = progress["step_size"]
-        return {
-            "learning_rate": float(self.param_groups[0]["lr"]),
-            "step_size": float(step_size) if step_size is not None else 0.0,
+        return log_values_known({
+            "learning_rate": self.param_groups[0]["lr"],
+            "step_size": progress["step_size"],
             "forward_passes": progress["forward_passes"],
             "backward_passes": progress["backward_passes"],
-            "failed_steps": int(progress["failed_steps"]),
-        }
-
-    def take_events(self) -> list[dict]:
-        """Nothing: failed steps are counted on the device and read through :meth:`log_values`."""
-        return []
+            "failed_steps": progress["failed_steps"],
+        })
 
     # ------------------------------------------------------------------ state
 
@@ -176,11 +163,10 @@ class Pal(Optimizer):
     @torch.no_grad()
     def step(self, closure) -> torch.Tensor:
         """One PAL update on the batch of ``closure``; return its loss at the parameters before the update."""
-        if closure is None:
-            raise ValueError("Invalid closure: None; Pal.step needs a closure (see make_batch_closure)")
+        self._require_closure(closure)
         group = self.param_groups[0]
         progress = self._progress
-        loss_0 = self._loss_with_gradient(closure)
+        loss_0 = self._loss_with_gradient(closure, progress)  # step 1
         params = [p for p in self._params() if p.grad is not None]
         if not params:
             raise ValueError("Invalid closure: its loss has no gradient for any of the optimizer's parameters")
@@ -203,21 +189,6 @@ class Pal(Optimizer):
         progress["failed_steps"] = progress["failed_steps"] + failed.to(torch.int64)
         return loss_0
 
-    def _loss_with_gradient(self, closure) -> torch.Tensor:
-        """Step 1: L0 and the gradient, one forward and one backward pass."""
-        self.zero_grad(set_to_none=True)
-        with torch.enable_grad():
-            loss = closure()
-            if loss.dim() != 0:
-                raise ValueError(
-                    f"Invalid closure: it returned a loss of shape {tuple(loss.shape)}; Pal needs the "
-                    "batch's mean loss, a 0-dim tensor"
-                )
-            loss.backward()
-        self._progress["forward_passes"] += 1
-        self._progress["backward_passes"] += 1
-        return loss.detach()
-
     def _line_direction(self, group, params) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
         """Step 2: the direction d (stored as the conjugate direction only after the step), ‖d‖ and the slope b."""
         gradients = [p.grad for p in params]
@@ -227,10 +198,10 @@ class Pal(Optimizer):
             directions = torch._foreach_add(gradients, previous, alpha=momentum)
         else:
             directions = gradients
-        norm = _global_norm(directions)
+        norm = global_norm(directions)
         norm = torch.where(norm == 0, torch.finfo(norm.dtype).eps, norm)
         if momentum > 0 and group["exact_directional_derivative"]:
-            derivative = -_global_dot(gradients, directions) / norm
+            derivative = -global_dot(gradients, directions) / norm
         else:
             derivative = -norm
         return directions, norm, derivative
@@ -238,26 +209,14 @@ class Pal(Optimizer):
     def _loss_at_measuring_point(self, closure, params, directions, norm, skip) -> torch.Tensor:
         """Step 3: Lμ at θ - μ d/‖d‖ (forward only); parameters and buffers are put back exactly."""
         origins = [p.clone() for p in params]
-        saved_buffers = [buffer.clone() for buffer in self._buffers]
+        saved_buffers = self._save_buffers()
         # Skipped for a non-finite direction, so not even the measuring point holds a non-finite value.
         _move_along(params, directions, self.param_groups[0]["measuring_step"] / norm, skip)
         loss = closure().detach()
         self._progress["forward_passes"] += 1
         torch._foreach_copy_(params, origins)
-        for buffer, saved in zip(self._buffers, saved_buffers):
-            buffer.copy_(saved)
+        self._restore_buffers(saved_buffers)
         return loss
-
-    # ------------------------------------------------------------------ helpers
-
-    def _params(self) -> list[torch.Tensor]:
-        return self.param_groups[0]["params"]
-
-    def _state_tensor(self, param: torch.Tensor, name: str) -> torch.Tensor:
-        state = self.state[param]
-        if name not in state:
-            state[name] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        return state[name]
 
 
 def pal_step_size(
@@ -307,19 +266,3 @@ def _initial_progress() -> dict:
     # failed_steps and step_size are 0-dim device tensors during training, so steps never wait for the device.
     return dict(forward_passes=0, backward_passes=0, failed_steps=0, step_size=None)
 
-
-def _global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
-
-
-def _global_dot(first: list[torch.Tensor], second: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack([torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in zip(first, second)]).sum()
-
-
-def _positive(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-
-
-def _require(condition: bool, name: str, value, valid: str) -> None:
-    if not condition:
-        raise ValueError(f"Invalid {name}: {value!r}; it must be {valid}")

@@ -4,9 +4,9 @@ import math
 from collections.abc import Iterable
 
 import torch
-from torch.optim import Optimizer
 
 from .lab_pal.batch_schedule import REFERENCE_INFERENCE_BATCH_SIZE, REFERENCE_TRAINING_SET_SIZE
+from .lab_pal.line_search_base import LineSearchBase, is_finite_number, log_values_known, require, require_integer
 from .line_search import MEAN_LOSS
 
 __all__ = ["Sls"]
@@ -18,7 +18,7 @@ FALLBACK_LEARNING_RATE = 1e-6
 RESET_OPTIONS = (0, 1, 2)
 
 
-class Sls(Optimizer):
+class Sls(LineSearchBase):
     r"""Stochastic Line Search (SLS) with Armijo backtracking.
 
     Vaswani, Mishkin, Laradji, Schmidt, Gidel and Lacoste-Julien, "Painless
@@ -80,7 +80,8 @@ class Sls(Optimizer):
     precision. Memory: one copy of the parameters (and of the buffers) during a
     search; the gradient stays in ``.grad``. ``param_groups[0]["lr"]`` is the
     multiplier of −g in the last update (the accepted η, or 1e-6 after a failed
-    search). One parameter group only.
+    search). One parameter group only (:class:`~source.optimizer.lab_pal.line_search_base.LineSearchBase`
+    refuses a second); unlike the other line searches, its parameters may differ in device and dtype.
 
     Example:
         >>> optimizer = Sls(model.parameters(), buffers=model.buffers(),
@@ -91,6 +92,8 @@ class Sls(Optimizer):
     """
 
     closure_loss = MEAN_LOSS
+    # ‖g‖² is summed on the loss's device in the widest dtype, so the parameters may differ in both.
+    _parameters_share = ()
 
     def __init__(
         self,
@@ -106,15 +109,15 @@ class Sls(Optimizer):
         inference_batch_size: int = REFERENCE_INFERENCE_BATCH_SIZE,
         buffers: Iterable[torch.Tensor] | None = None,
     ):
-        _require(_is_finite_number(init_step_size) and init_step_size > 0, "init_step_size", init_step_size, "> 0")
-        _require(_is_finite_number(c) and 0 < c < 1, "c", c, "in (0, 1)")
-        _require(_is_finite_number(beta_b) and 0 < beta_b < 1, "beta_b", beta_b, "in (0, 1)")
-        _require(_is_finite_number(gamma) and gamma >= 1, "gamma", gamma, ">= 1")
-        _require(type(reset_option) is int and reset_option in RESET_OPTIONS, "reset_option", reset_option,
-                 f"one of {RESET_OPTIONS}")
-        _require_integer(max_backtracking_steps, "max_backtracking_steps", 1)
-        _require_integer(training_set_size, "training_set_size", 1)
-        _require_integer(inference_batch_size, "inference_batch_size", 1)
+        require(is_finite_number(init_step_size) and init_step_size > 0, "init_step_size", init_step_size, "> 0")
+        require(is_finite_number(c) and 0 < c < 1, "c", c, "in (0, 1)")
+        require(is_finite_number(beta_b) and 0 < beta_b < 1, "beta_b", beta_b, "in (0, 1)")
+        require(is_finite_number(gamma) and gamma >= 1, "gamma", gamma, ">= 1")
+        require(type(reset_option) is int and reset_option in RESET_OPTIONS, "reset_option", reset_option,
+                f"one of {RESET_OPTIONS}")
+        require_integer(max_backtracking_steps, "max_backtracking_steps", 1)
+        require_integer(training_set_size, "training_set_size", 1)
+        require_integer(inference_batch_size, "inference_batch_size", 1)
         defaults = dict(
             lr=float(init_step_size),
             init_step_size=float(init_step_size),
@@ -125,8 +128,7 @@ class Sls(Optimizer):
             max_backtracking_steps=max_backtracking_steps,
             n_batches_per_epoch=max(training_set_size // inference_batch_size, 1),
         )
-        super().__init__(params, defaults)
-        self._buffers = list(buffers) if buffers is not None else []
+        super().__init__(params, defaults, buffers)
         self._progress = dict(
             step_size=float(init_step_size),
             steps=0,
@@ -135,35 +137,20 @@ class Sls(Optimizer):
             backtracking_steps=0,
             failed_searches=0,
         )
-        self._events = []
-
-    def add_param_group(self, param_group: dict) -> None:
-        """Add the single parameter group; SLS searches one step size along the whole gradient."""
-        if self.param_groups:
-            raise ValueError(
-                "Invalid parameter groups: Sls searches one step size along the gradient of all "
-                "parameters, so it takes exactly one parameter group; pass all parameters in one group"
-            )
-        super().add_param_group(param_group)
 
     # ------------------------------------------------------------------ reporting and state
 
     def log_values(self) -> dict[str, float]:
         """Learning rate and step size of the last search, pass counts, backtracking and failures."""
         progress = self._progress
-        return {
-            "learning_rate": float(self.param_groups[0]["lr"]),
+        return log_values_known({
+            "learning_rate": self.param_groups[0]["lr"],
             "step_size": progress["step_size"],
             "forward_passes": progress["forward_passes"],
             "backward_passes": progress["backward_passes"],
             "backtracking_steps": progress["backtracking_steps"],
             "failed_searches": progress["failed_searches"],
-        }
-
-    def take_events(self) -> list[dict]:
-        """The ``"failure"`` events since the last call."""
-        events, self._events = self._events, []
-        return events
+        })
 
     def state_dict(self) -> dict:
         """The optimizer state including the carried step size and the counters."""
@@ -183,38 +170,30 @@ class Sls(Optimizer):
     @torch.no_grad()
     def step(self, closure) -> torch.Tensor:
         """One SLS iteration on the batch of ``closure``; return its loss at the parameters it was given."""
-        if closure is None:
-            raise ValueError("Invalid closure: None; Sls.step needs a closure (see make_batch_closure)")
+        self._require_closure(closure)
         group = self.param_groups[0]
         progress = self._progress
-        self.zero_grad(set_to_none=True)
-        with torch.enable_grad():
-            loss = closure()
-            loss.backward()
-        loss = loss.detach()
+        loss = self._loss_with_gradient(closure, progress)
         progress["steps"] += 1
-        progress["forward_passes"] += 1
-        progress["backward_passes"] += 1
         params = [p for p in group["params"] if p.grad is not None]
         gradients = [p.grad for p in params]
         squared_norm = _squared_norm(gradients, loss)
         loss_value, squared_norm = torch.stack([loss.to(squared_norm.dtype), squared_norm]).tolist()
         progress["backtracking_steps"] = 0
         if not (math.isfinite(loss_value) and math.isfinite(squared_norm)):
-            self._report_failure(f"non-finite loss {loss_value} or squared gradient norm {squared_norm}")
+            self._fail(f"non-finite loss {loss_value} or squared gradient norm {squared_norm}")
             return loss
         step_size = self._reset_step_size(group, progress["step_size"])
         progress["step_size"] = step_size
         if math.sqrt(squared_norm) < MIN_GRADIENT_NORM:
             return loss
         origins = [p.clone() for p in params]
-        saved_buffers = [buffer.clone() for buffer in self._buffers]
+        saved_buffers = self._save_buffers()
         for trial in range(group["max_backtracking_steps"]):
             self._move(params, origins, gradients, step_size)
             trial_loss = float(closure())
             progress["forward_passes"] += 1
-            for buffer, saved in zip(self._buffers, saved_buffers):
-                buffer.copy_(saved)
+            self._restore_buffers(saved_buffers)
             if trial_loss <= loss_value - step_size * group["c"] * squared_norm:
                 progress["step_size"] = step_size
                 progress["backtracking_steps"] = trial
@@ -225,7 +204,7 @@ class Sls(Optimizer):
         progress["step_size"] = step_size
         progress["backtracking_steps"] = group["max_backtracking_steps"]
         group["lr"] = FALLBACK_LEARNING_RATE
-        self._report_failure(
+        self._fail(
             f"no step size satisfied the Armijo condition in {group['max_backtracking_steps']} trials; "
             f"stepped {FALLBACK_LEARNING_RATE} along the negative gradient"
         )
@@ -244,9 +223,9 @@ class Sls(Optimizer):
         torch._foreach_copy_(params, origins)
         torch._foreach_add_(params, gradients, alpha=-learning_rate)
 
-    def _report_failure(self, reason: str) -> None:
+    def _fail(self, reason: str) -> None:
         self._progress["failed_searches"] += 1
-        self._events.append({"event": "failure", "reason": reason, "step": self._progress["steps"]})
+        self._report_failure(reason, step=self._progress["steps"])
 
 
 def _squared_norm(tensors: list[torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
@@ -259,16 +238,3 @@ def _squared_norm(tensors: list[torch.Tensor], loss: torch.Tensor) -> torch.Tens
     norms = torch._foreach_norm(tensors)
     return torch.stack([norm.to(loss.device, dtype) for norm in norms]).square().sum()
 
-
-def _is_finite_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _require(condition: bool, name: str, value, valid: str) -> None:
-    if not condition:
-        raise ValueError(f"Invalid {name}: {value!r}; it must be {valid}")
-
-
-def _require_integer(value, name: str, minimum: int) -> None:
-    _require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum, name, value,
-             f"an integer >= {minimum}")

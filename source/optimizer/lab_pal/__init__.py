@@ -1,4 +1,8 @@
-"""LABPAL: the optimizer, its closure helper and its pure numerical pieces."""
+"""LABPAL: the optimizer, its closure helper and its pure numerical pieces.
+
+``line_search_base`` holds what LABPAL and the baseline line searches share (one parameter
+group, buffers, events, argument checks); it is imported from its module, not exported here.
+"""
 
 from .batch_schedule import (
     PAPER_BATCH_SIZE_SCHEDULE,

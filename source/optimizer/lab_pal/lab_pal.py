@@ -5,7 +5,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch.optim import Optimizer
 
 from .batch_schedule import (
     PAPER_BATCH_SIZE_SCHEDULE,
@@ -17,6 +16,14 @@ from .batch_schedule import (
     validate_batch_size_schedule,
 )
 from .closure import MEAN_LOSS, BatchClosure
+from .line_search_base import (
+    LineSearchBase,
+    global_dot,
+    global_norm,
+    log_values_known,
+    require,
+    require_integer,
+)
 from .parabola import fit_parabola
 
 __all__ = ["LabPal", "LabPalSummary"]
@@ -44,7 +51,7 @@ class LabPalSummary:
     updates: int
 
 
-class LabPal(Optimizer):
+class LabPal(LineSearchBase):
     r"""Large-Batch Parabolic Approximation Line Search (LABPAL).
 
     Mutschler, Laube and Zell, "Using a one dimensional parabolic model of the
@@ -122,7 +129,8 @@ class LabPal(Optimizer):
     All parameters must share one device and dtype (they are updated by one fused
     kernel). ``param_groups[0]["lr"]`` is the current effective learning rate: a float in
     SGD mode, a 0-dim tensor in NSGD mode (it changes with ‖d‖ every update and
-    reading it as a float synchronises with the device). One parameter group only.
+    reading it as a float synchronises with the device). One parameter group only;
+    :class:`~.line_search_base.LineSearchBase` enforces both and keeps the buffers and events.
 
     Example:
         >>> optimizer = LabPal(model.parameters(), buffers=model.buffers(),
@@ -158,20 +166,20 @@ class LabPal(Optimizer):
     ):
         if mode not in ("NSGD", "SGD"):
             raise ValueError(f"Invalid mode: {mode!r}; valid modes are 'NSGD' and 'SGD'")
-        _require(step_adaptation > 0, "step_adaptation", step_adaptation, "> 0")
-        _require(max_step > 0, "max_step", max_step, "> 0")
-        _require(0 < min_step <= max_step * step_adaptation, "min_step", min_step, "in (0, max_step * step_adaptation]")
-        _require(0 <= momentum < 1, "momentum", momentum, "in [0, 1)")
-        _require_integer(measurement_interval, "measurement_interval", 1)
-        _require_integer(approximation_batches, "approximation_batches", 1)
-        _require_integer(untrustworthy_updates, "untrustworthy_updates", 0)
-        _require_integer(averaging_window, "averaging_window", 1)
-        _require(sample_step > 0, "sample_step", sample_step, "> 0")
-        _require(0 < derivative_step < sample_step, "derivative_step", derivative_step, "in (0, sample_step)")
-        _require(min_direction_norm >= 0, "min_direction_norm", min_direction_norm, ">= 0")
-        _require(max_direction_norm > min_direction_norm, "max_direction_norm", max_direction_norm, "> min_direction_norm")
-        _require_integer(training_set_size, "training_set_size", 1)
-        _require_integer(inference_batch_size, "inference_batch_size", 1)
+        require(step_adaptation > 0, "step_adaptation", step_adaptation, "> 0")
+        require(max_step > 0, "max_step", max_step, "> 0")
+        require(0 < min_step <= max_step * step_adaptation, "min_step", min_step, "in (0, max_step * step_adaptation]")
+        require(0 <= momentum < 1, "momentum", momentum, "in [0, 1)")
+        require_integer(measurement_interval, "measurement_interval", 1)
+        require_integer(approximation_batches, "approximation_batches", 1)
+        require_integer(untrustworthy_updates, "untrustworthy_updates", 0)
+        require_integer(averaging_window, "averaging_window", 1)
+        require(sample_step > 0, "sample_step", sample_step, "> 0")
+        require(0 < derivative_step < sample_step, "derivative_step", derivative_step, "in (0, sample_step)")
+        require(min_direction_norm >= 0, "min_direction_norm", min_direction_norm, ">= 0")
+        require(max_direction_norm > min_direction_norm, "max_direction_norm", max_direction_norm, "> min_direction_norm")
+        require_integer(training_set_size, "training_set_size", 1)
+        require_integer(inference_batch_size, "inference_batch_size", 1)
         defaults = dict(
             lr=0.0,
             mode=mode,
@@ -191,28 +199,11 @@ class LabPal(Optimizer):
             training_set_size=training_set_size,
             inference_batch_size=inference_batch_size,
         )
-        super().__init__(params, defaults)
-        kinds = {(p.device, p.dtype) for p in self._params()}
-        if len(kinds) > 1:
-            raise ValueError(
-                f"Invalid parameters: they span {sorted(map(str, kinds))}; LabPal updates all parameters "
-                "with one fused kernel, so move them to one device and dtype first"
-            )
-        self._buffers = list(buffers) if buffers is not None else []
+        super().__init__(params, defaults, buffers)
         self._pending_closures = []
         self._saved_pending_batches = []  # from load_state_dict, rebound to the next closure's model
         self._progress = _initial_progress()
         self._skipped_updates = None  # counted on the device, so training never waits for the host
-        self._events = []
-
-    def add_param_group(self, param_group: dict) -> None:
-        """Add the single parameter group; LABPAL measures one step along the whole gradient."""
-        if self.param_groups:
-            raise ValueError(
-                "Invalid parameter groups: LabPal measures one step size along the gradient of all "
-                "parameters, so it takes exactly one parameter group; pass all parameters in one group"
-            )
-        super().add_param_group(param_group)
 
     # ------------------------------------------------------------------ public views
 
@@ -265,12 +256,7 @@ class LabPal(Optimizer):
             "forward_passes": self._progress["forward_passes"],
             "backward_passes": self._progress["backward_passes"],
         }
-        return {name: float(value) for name, value in values.items() if value is not None}
-
-    def take_events(self) -> list[dict]:
-        """The measurements and failed measurements since the last call, oldest first."""
-        events, self._events = self._events, []
-        return events
+        return log_values_known(values)
 
     # ------------------------------------------------------------------ state
 
@@ -324,8 +310,7 @@ class LabPal(Optimizer):
     @torch.no_grad()
     def step(self, closure) -> torch.Tensor:
         """Consume one inference batch through ``closure``; return its loss at the current parameters."""
-        if closure is None:
-            raise ValueError("Invalid closure: None; LabPal.step needs a closure (see make_batch_closure)")
+        self._require_closure(closure)
         progress = self._progress
         if self._saved_pending_batches:
             self._rebind_saved_batches(closure)
@@ -371,28 +356,28 @@ class LabPal(Optimizer):
         group = self.param_groups[0]
         multiplier = progress["multiplier"]
         params = self._params()
-        loss = self._loss_with_gradient(closure)
+        loss = self._loss_with_gradient(closure, self._progress)
         params_with_grad = [p for p in params if p.grad is not None]
         gradients = [p.grad for p in params_with_grad]
         if multiplier > 1:
             sums = [self._state_tensor(p, "gradient_sum") for p in params_with_grad]
             if progress["training_batches"] == 0:
                 torch._foreach_copy_(sums, gradients)
-                progress["training_loss_sum"] = loss.detach().clone()
+                progress["training_loss_sum"] = loss.clone()
             else:
                 torch._foreach_add_(sums, gradients)
-                progress["training_loss_sum"] += loss.detach()
+                progress["training_loss_sum"] += loss
             gradients = sums
             loss_sum = progress["training_loss_sum"]
         else:
-            loss_sum = loss.detach()
+            loss_sum = loss
         progress["training_batches"] += 1
         if progress["training_batches"] < multiplier:
-            return loss.detach()
+            return loss
         progress["training_batches"] = 0
         self._update_parameters(group, params_with_grad, gradients, loss_sum, 1.0 / multiplier)
         progress["updates"] += 1
-        return loss.detach()
+        return loss
 
     def _update_parameters(self, group, params, gradients, loss_sum, gradient_scale) -> None:
         """One update along the mean gradient, skipped on the device when anything is not finite."""
@@ -405,7 +390,7 @@ class LabPal(Optimizer):
         buffers = [self._state_tensor(p, "momentum_buffer") for p in params] if momentum > 0 else []
         if group["mode"] == "NSGD":
             direction = torch._foreach_add(torch._foreach_mul(buffers, momentum), gradients) if buffers else gradients
-            norm = _global_norm(direction)
+            norm = global_norm(direction)
             learning_rate = self._progress["step_size"] / torch.clamp_min(norm, torch.finfo(norm.dtype).tiny)
             group["lr"] = torch.where(found_non_finite > 0, group["lr"], learning_rate)
         else:
@@ -438,7 +423,7 @@ class LabPal(Optimizer):
             if batch_index == 0:
                 self._begin_measurement(params)
             if batch_index < multiplier:
-                loss = self._loss_with_gradient(closure)
+                loss = self._loss_with_gradient(closure, self._progress)
                 self._accumulate_direction_batch(params, loss, closure)
                 progress["measurement_batches"] += 1
                 if batch_index == multiplier - 1:
@@ -489,8 +474,8 @@ class LabPal(Optimizer):
             buffers = [self._state_tensor(p, "momentum_buffer") for p in params]
             candidate = torch._foreach_add(torch._foreach_mul(buffers, momentum), mean_gradient)
             torch._foreach_copy_(directions, candidate)
-        norm = _global_norm(directions)
-        derivative = -_global_dot(mean_gradient, directions) / torch.clamp_min(norm, torch.finfo(norm.dtype).tiny)
+        norm = global_norm(directions)
+        derivative = -global_dot(mean_gradient, directions) / torch.clamp_min(norm, torch.finfo(norm.dtype).tiny)
         norm_value, derivative_value = torch.stack([norm, derivative]).tolist()
         self._progress["direction_norm"] = norm_value
         if not math.isfinite(norm_value):
@@ -511,15 +496,14 @@ class LabPal(Optimizer):
         group = self.param_groups[0]
         origins = [self._state_tensor(p, "line_origin") for p in params]
         directions = [self._state_tensor(p, "direction") for p in params]
-        saved_buffers = [buffer.clone() for buffer in self._buffers]
+        saved_buffers = self._save_buffers()
         for index, position in ((1, group["derivative_step"]), (2, group["sample_step"])):
             torch._foreach_copy_(params, origins)
             torch._foreach_add_(params, directions, alpha=-position / self._progress["direction_norm"])
             self._progress["line_losses"][index] += closure().detach()
             self._progress["forward_passes"] += 1
         torch._foreach_copy_(params, origins)
-        for buffer, saved in zip(self._buffers, saved_buffers):
-            buffer.copy_(saved)
+        self._restore_buffers(saved_buffers)
 
     def _finish_measurement(self, group, params) -> None:
         progress = self._progress
@@ -559,7 +543,7 @@ class LabPal(Optimizer):
         else:
             group["lr"] = applied_learning_rate
         progress["updates"] += 1
-        self._events.append({"event": "measurement", "learning_rate": applied_learning_rate, "step_size": step})
+        self._report_measurement(applied_learning_rate, step)
         self._end_measurement()
 
     def _finish_failed_measurement(self, failure: str, params) -> None:
@@ -567,7 +551,7 @@ class LabPal(Optimizer):
         progress = self._progress
         progress["failed_measurements"] += 1
         progress["last_failure"] = failure
-        self._events.append({"event": "failure", "reason": f"measurement failed: {failure}"})
+        self._report_failure(f"measurement failed: {failure}")
         origins = [self._state_tensor(p, "line_origin") for p in params]
         torch._foreach_copy_(params, origins)
         if progress["step_size"] is None:
@@ -596,24 +580,6 @@ class LabPal(Optimizer):
         self._pending_closures = []
 
     # ------------------------------------------------------------------ helpers
-
-    def _params(self) -> list[torch.Tensor]:
-        return self.param_groups[0]["params"]
-
-    def _state_tensor(self, param: torch.Tensor, name: str) -> torch.Tensor:
-        state = self.state[param]
-        if name not in state:
-            state[name] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        return state[name]
-
-    def _loss_with_gradient(self, closure) -> torch.Tensor:
-        self.zero_grad(set_to_none=True)
-        with torch.enable_grad():
-            loss = closure()
-            loss.backward()
-        self._progress["forward_passes"] += 1
-        self._progress["backward_passes"] += 1
-        return loss
 
     def _count_skipped(self, found_non_finite: torch.Tensor) -> None:
         if self._skipped_updates is None:
@@ -649,23 +615,6 @@ def _initial_progress() -> dict:
     )
 
 
-def _global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
-
-
-def _global_dot(first: list[torch.Tensor], second: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack([torch.sum(a * b) for a, b in zip(first, second)]).sum()
-
-
 def _autocast_disabled(device: torch.device):
     return torch.autocast(device_type=device.type, enabled=False)
 
-
-def _require(condition: bool, name: str, value, valid: str) -> None:
-    if not condition:
-        raise ValueError(f"Invalid {name}: {value!r}; it must be {valid}")
-
-
-def _require_integer(value, name: str, minimum: int) -> None:
-    _require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum, name, value,
-             f"an integer >= {minimum}")

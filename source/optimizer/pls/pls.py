@@ -5,9 +5,17 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
-from torch.optim import Optimizer
 
 from ..lab_pal import BatchClosure
+from ..lab_pal.line_search_base import (
+    LineSearchBase,
+    global_dot,
+    global_norm,
+    is_finite_number,
+    log_values_known,
+    require,
+    require_integer,
+)
 from ..line_search import SAMPLE_LOSSES
 from .gaussian_process import LineGaussianProcess
 from .sample_statistics import evaluate_batch
@@ -29,7 +37,7 @@ ALPHA_STATISTICS_KEEP, ALPHA_STATISTICS_NEW = 0.95, 0.05
 EXPLORATION_POLICIES = ("linear", "exponential")
 
 
-class Pls(Optimizer):
+class Pls(LineSearchBase):
     r"""Probabilistic Line Search (PLS).
 
     M. Mahsereci and P. Hennig, "Probabilistic Line Searches for Stochastic Optimization",
@@ -95,8 +103,9 @@ class Pls(Optimizer):
     at most ``sample_chunk_size`` samples at once (default: the whole batch; ResNet-20 with b = 128
     needs about 140 MB for them).
 
-    One parameter group only, on one device; its parameters must be parameters of the closure's
-    model.
+    One parameter group only, on one device (both checked by
+    :class:`~source.optimizer.lab_pal.line_search_base.LineSearchBase`); its parameters must be
+    parameters of the closure's model.
 
     Example:
         >>> optimizer = Pls(model.parameters(), buffers=model.buffers())
@@ -107,6 +116,8 @@ class Pls(Optimizer):
     """
 
     closure_loss = SAMPLE_LOSSES
+    # Per-sample gradients and projections are taken per parameter, so only the device must be shared.
+    _parameters_share = ("device",)
 
     def __init__(
         self,
@@ -128,22 +139,23 @@ class Pls(Optimizer):
         sample_chunk_size: int | None = None,
         buffers: Iterable[torch.Tensor] | None = None,
     ):
-        _require(_finite(initial_learning_rate) and initial_learning_rate > 0, "initial_learning_rate",
-                 initial_learning_rate, "a finite number > 0")
-        _require(_finite(c_w) and 0 < c_w < 1, "c_w", c_w, "in (0, 1)")
-        _require(_finite(c1) and 0 <= c1 < 1, "c1", c1, "in [0, 1)")
-        _require(_finite(momentum) and 0 <= momentum < 1, "momentum", momentum, "in [0, 1)")
-        _require(_finite(df_lo), "df_lo", df_lo, "a finite number")
-        _require(_finite(df_hi) and df_hi > df_lo, "df_hi", df_hi, "a finite number > df_lo")
-        _require(_finite(target_df), "target_df", target_df, "a finite number")
-        _require_integer(max_steps, "max_steps", 1)
-        _require_integer(max_expl, "max_expl", 1)
-        _require(_finite(max_dmu0), "max_dmu0", max_dmu0, "a finite number")
-        _require(_finite(max_change_factor) and max_change_factor > 1, "max_change_factor", max_change_factor, "> 1")
-        _require(expl_policy in EXPLORATION_POLICIES, "expl_policy", expl_policy, f"one of {EXPLORATION_POLICIES}")
-        _require(_finite(fpush) and fpush > 0, "fpush", fpush, "a finite number > 0")
+        require(is_finite_number(initial_learning_rate) and initial_learning_rate > 0, "initial_learning_rate",
+                initial_learning_rate, "a finite number > 0")
+        require(is_finite_number(c_w) and 0 < c_w < 1, "c_w", c_w, "in (0, 1)")
+        require(is_finite_number(c1) and 0 <= c1 < 1, "c1", c1, "in [0, 1)")
+        require(is_finite_number(momentum) and 0 <= momentum < 1, "momentum", momentum, "in [0, 1)")
+        require(is_finite_number(df_lo), "df_lo", df_lo, "a finite number")
+        require(is_finite_number(df_hi) and df_hi > df_lo, "df_hi", df_hi, "a finite number > df_lo")
+        require(is_finite_number(target_df), "target_df", target_df, "a finite number")
+        require_integer(max_steps, "max_steps", 1)
+        require_integer(max_expl, "max_expl", 1)
+        require(is_finite_number(max_dmu0), "max_dmu0", max_dmu0, "a finite number")
+        require(is_finite_number(max_change_factor) and max_change_factor > 1, "max_change_factor",
+                max_change_factor, "> 1")
+        require(expl_policy in EXPLORATION_POLICIES, "expl_policy", expl_policy, f"one of {EXPLORATION_POLICIES}")
+        require(is_finite_number(fpush) and fpush > 0, "fpush", fpush, "a finite number > 0")
         if sample_chunk_size is not None:
-            _require_integer(sample_chunk_size, "sample_chunk_size", 1)
+            require_integer(sample_chunk_size, "sample_chunk_size", 1)
         defaults = dict(
             initial_learning_rate=float(initial_learning_rate),
             c_w=float(c_w),
@@ -160,46 +172,26 @@ class Pls(Optimizer):
             fpush=float(fpush),
             sample_chunk_size=sample_chunk_size,
         )
-        super().__init__(params, defaults)
-        devices = {p.device for p in self._params()}
-        if len(devices) > 1:
-            raise ValueError(f"Invalid parameters: they span the devices {sorted(map(str, devices))}; "
-                             "PLS moves all of them along one line, so put them on one device")
-        self._buffers = list(buffers) if buffers is not None else []
+        super().__init__(params, defaults, buffers)
         self._search = _initial_search(float(initial_learning_rate))
         self._process = None  # the Gaussian process of the current line, rebuilt from the observations
-        self._events = []
-
-    def add_param_group(self, param_group: dict) -> None:
-        """Add the single parameter group; PLS searches one line along the whole gradient."""
-        if self.param_groups:
-            raise ValueError(
-                "Invalid parameter groups: PLS searches along the gradient of all parameters, so it takes "
-                "exactly one parameter group; pass all parameters in one group"
-            )
-        super().add_param_group(param_group)
 
     # ------------------------------------------------------------------ protocol
 
     def log_values(self) -> dict[str, float]:
-        """Learning rate (last accepted α, α₀ before the first), step size α‖d‖, pass counts, searches."""
+        """Learning rate (last accepted α, α₀ before the first), step size α‖d‖ (none before), passes, searches."""
         search = self._search
         learning_rate = search["learning_rate"]
-        return {
+        return log_values_known({
             "learning_rate": learning_rate if learning_rate is not None else search["alpha0"],
-            "step_size": search["step_size"] if search["step_size"] is not None else math.nan,
+            "step_size": search["step_size"],
             "forward_passes": search["forward_passes"],
             "backward_passes": search["backward_passes"],
             "line_search_evaluations": search["last_search_evaluations"],
             "base_learning_rate": search["alpha0"],
             "accepted_searches": search["accepted_searches"],
             "aborted_searches": search["aborted_searches"],
-        }
-
-    def take_events(self) -> list[dict]:
-        """The acceptances ("measurement") and aborts ("failure") since the last call."""
-        events, self._events = self._events, []
-        return events
+        })
 
     # ------------------------------------------------------------------ state
 
@@ -242,7 +234,7 @@ class Pls(Optimizer):
         failure = self._begin_line(evaluation, line)
         if failure is not None:
             self._restore_buffers(saved_buffers)
-            self._fail(f"{failure} at the start of a line; starting again with the next batch")
+            self._report_failure(f"{failure} at the start of a line; starting again with the next batch")
         return evaluation.loss
 
     def _evaluate_trial(self, closure) -> torch.Tensor:
@@ -262,7 +254,7 @@ class Pls(Optimizer):
                 self._restore_buffers(saved_buffers)
                 search["alpha0"] = search["alpha_stats"]
                 search["phase"] = STARTING
-                self._fail("non-finite loss or gradient at the abort step; back to the line's start")
+                self._report_failure("non-finite loss or gradient at the abort step; back to the line's start")
             return evaluation.loss
         if not finite:
             self._restore_buffers(saved_buffers)
@@ -305,11 +297,11 @@ class Pls(Optimizer):
         search = self._search
         search["forward_passes"] += 2
         search["backward_passes"] += 2
-        directions = [self._direction(p) for p in params]
+        directions = [self._state_tensor(p, "direction") for p in params]
         next_directions = torch._foreach_sub(torch._foreach_mul(directions, group["momentum"]), evaluation.gradient)
         quantities = [evaluation.loss, evaluation.loss_variance]
         quantities += _projections(evaluation, next_directions)
-        quantities.append(_global_norm(next_directions))
+        quantities.append(global_norm(next_directions))
         if with_current_line:
             quantities += _projections(evaluation, directions)
         values = torch.stack([q.to(torch.float64) for q in quantities]).tolist()
@@ -333,7 +325,7 @@ class Pls(Optimizer):
         if slope == 0.0:
             search["phase"] = STARTING
             return "zero slope along the search direction"
-        torch._foreach_copy_([self._direction(p) for p in self._params()], line["next_directions"])
+        torch._foreach_copy_([self._state_tensor(p, "direction") for p in self._params()], line["next_directions"])
         search.update(
             phase=SEARCHING,
             start_loss=loss,
@@ -396,51 +388,32 @@ class Pls(Optimizer):
             search["aborted_searches"] += 1
         else:
             search["accepted_searches"] += 1
-            self._events.append({"event": "measurement", "learning_rate": learning_rate, "step_size": step_size})
+            self._report_measurement(learning_rate, step_size)
         failure = self._begin_line(evaluation, line)
         if failure is not None:
-            self._fail(f"{failure} at the accepted point; starting a line there with the next batch")
+            self._report_failure(f"{failure} at the accepted point; starting a line there with the next batch")
 
     def _abort(self, reason: str) -> None:
         """End the search with the small step t = 0.01, taken by the next step."""
         search = self._search
         search["aborting"] = True
         search["next_position"] = ABORT_TRIAL
-        self._fail(f"line search aborted: {reason}")
-
-    def _fail(self, reason: str) -> None:
-        self._events.append({"event": "failure", "reason": reason})
+        self._report_failure(f"line search aborted: {reason}")
 
     # ------------------------------------------------------------------ helpers
-
-    def _params(self) -> list[torch.Tensor]:
-        return self.param_groups[0]["params"]
-
-    def _direction(self, param: torch.Tensor) -> torch.Tensor:
-        state = self.state[param]
-        if "direction" not in state:
-            state["direction"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        return state["direction"]
 
     def _move_to(self, position: float) -> None:
         """Move the parameters from the current position on the line to ``position``."""
         search = self._search
         increment = (position - search["position"]) * search["alpha0"]
         params = self._params()
-        torch._foreach_add_(params, [self._direction(p) for p in params], alpha=increment)
+        torch._foreach_add_(params, [self._state_tensor(p, "direction") for p in params], alpha=increment)
         search["position"] = position
 
     def _gaussian_process(self) -> LineGaussianProcess:
         if self._process is None:
             self._process = LineGaussianProcess(self._search["observations"])
         return self._process
-
-    def _save_buffers(self) -> list[torch.Tensor]:
-        return [buffer.clone() for buffer in self._buffers]
-
-    def _restore_buffers(self, saved: list[torch.Tensor]) -> None:
-        for buffer, value in zip(self._buffers, saved):
-            buffer.copy_(value)
 
 
 def _initial_search(initial_learning_rate: float) -> dict:
@@ -469,24 +442,7 @@ def _initial_search(initial_learning_rate: float) -> dict:
 
 def _projections(evaluation, directions) -> list[torch.Tensor]:
     """g·d and Σ Var g · d², the slope along d and its variance."""
-    slope = torch.stack([torch.sum(g * d) for g, d in zip(evaluation.gradient, directions)]).sum()
+    slope = global_dot(evaluation.gradient, directions)
     variance = torch.stack([torch.sum(v * d * d) for v, d in zip(evaluation.gradient_variance, directions)]).sum()
     return [slope, variance]
 
-
-def _global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
-
-
-def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _require(condition: bool, name: str, value, valid: str) -> None:
-    if not condition:
-        raise ValueError(f"Invalid {name}: {value!r}; it must be {valid}")
-
-
-def _require_integer(value, name: str, minimum: int) -> None:
-    _require(isinstance(value, int) and not isinstance(value, bool) and value >= minimum, name, value,
-             f"an integer >= {minimum}")
