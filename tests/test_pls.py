@@ -514,7 +514,10 @@ def paper_scale(closure, batch_size):
     return scaled
 
 
-def test_matches_the_research_code_on_identical_batches_once_the_variance_scale_is_neutralised(monkeypatch):
+@pytest.mark.parametrize("variance_estimator", ["batch_mean", "research"])
+def test_matches_the_research_code_on_identical_batches(monkeypatch, variance_estimator):
+    """With the research estimator ours matches the research code as it is; with the paper's, once
+    the research code's variances are brought to the paper's scale."""
     reference = load_reference()
     batch_size = 16
     original_get_grads = reference.get_grads
@@ -524,17 +527,20 @@ def test_matches_the_research_code_on_identical_batches_once_the_variance_scale_
         gradient, moments, norm = original_get_grads(params)
         return gradient, [[moment / batch_size for moment in group] for group in moments], norm
 
-    monkeypatch.setattr(reference, "get_grads", get_grads_of_paper_scale)
+    paper = variance_estimator == "batch_mean"
+    if paper:
+        monkeypatch.setattr(reference, "get_grads", get_grads_of_paper_scale)
     batches = tabular_batches(40, size=batch_size, seed=6)
     ours_model, reference_model = tanh_network(), tanh_network()
-    ours = Pls(ours_model.parameters(), 0.01)
+    ours = Pls(ours_model.parameters(), 0.01, variance_estimator=variance_estimator)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # it prints every hooked layer
         warnings.simplefilter("ignore")  # torch deprecates the non-full backward hooks it uses
         research = reference.PLS(reference_model, alpha0=0.01, cW=0.2, c1=0.005)
 
         def reference_closure(batch):
             inputs, targets = batch
-            return paper_scale(lambda: SAMPLE_CROSS_ENTROPY(reference_model(inputs), targets), batch_size)
+            closure = lambda: SAMPLE_CROSS_ENTROPY(reference_model(inputs), targets)  # noqa: E731
+            return paper_scale(closure, batch_size) if paper else closure
 
         # Its first step evaluates batch 0 twice at t = 0, then t = 1; ours takes two steps for that.
         calls = []
@@ -587,3 +593,19 @@ def test_the_research_code_variances_are_about_n_times_the_papers():
     assert reference_loss_variance / loss_variance == pytest.approx(batch_size, rel=1e-10)
     # Per coordinate its (n S - ḡ²) / (S - ḡ²) times ours, S = mean g_i²: at least n (here 18.4 for n = 16).
     assert batch_size <= reference_slope_variance / slope_variance < 1.5 * batch_size
+
+
+def test_the_research_estimator_is_the_research_codes_formula():
+    """Var f: the sample variance of the single losses; Var g: (Σ_i g_i² - ḡ²) / (n - 1)."""
+    model = tanh_network()
+    inputs, targets = tabular_batches(1)[0]
+    closure = make_batch_closure(model, SAMPLE_CROSS_ENTROPY, inputs, targets)
+    evaluation = evaluate_batch(closure, list(model.parameters()), variance_estimator="research")
+    n = len(targets)
+    losses = SAMPLE_CROSS_ENTROPY(model(inputs), targets).detach()
+    assert evaluation.loss_variance.item() == pytest.approx(losses.var(correction=1).item(), rel=1e-12)
+    per_sample = [torch.autograd.grad(SAMPLE_CROSS_ENTROPY(model(x[None]), y[None]).sum(), list(model.parameters()))
+                  for x, y in zip(inputs, targets)]
+    for index, (ours, mean_gradient) in enumerate(zip(evaluation.gradient_variance, evaluation.gradient)):
+        squares = sum(gradients[index].square() for gradients in per_sample)
+        torch.testing.assert_close(ours, (squares - mean_gradient.square()) / (n - 1), rtol=1e-9, atol=1e-15)

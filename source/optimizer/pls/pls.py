@@ -18,7 +18,7 @@ from ..lab_pal.line_search_base import (
 )
 from ..line_search import SAMPLE_LOSSES
 from .gaussian_process import LineGaussianProcess
-from .sample_statistics import evaluate_batch
+from .sample_statistics import BATCH_MEAN, VARIANCE_ESTIMATORS, evaluate_batch
 
 __all__ = ["Pls"]
 
@@ -81,10 +81,12 @@ class Pls(LineSearchBase):
     and momentum from the LABPAL paper's legend (α 1e-4, c_W 0.2, c1 0.005, β 0), the others
     from the authors' implementation (its PyTorch port by A. Mishkin).
 
-    Variances: the paper's estimators of the variance of the batch means are used,
-    Var f = (mean f_i² - f²) / (n - 1) and per coordinate Var g = (mean g_i² - ḡ²) / (n - 1). The
-    research code of the LABPAL paper uses the sample variance of the losses and
-    (Σ g_i² - ḡ²) / (n - 1), about n times larger; its searches therefore see noisier lines.
+    Variances: by default (``variance_estimator="batch_mean"``) the paper's estimators of the
+    variance of the batch means, Var f = (mean f_i² - f²) / (n - 1) and per coordinate
+    Var g = (mean g_i² - ḡ²) / (n - 1). The research code of the LABPAL paper used the sample
+    variance of the losses and (Σ g_i² - ḡ²) / (n - 1), n times larger and more, so its searches
+    saw far noisier lines and accepted steps whose slope had not flattened yet;
+    ``variance_estimator="research"`` reproduces it, and with it the research code's steps.
 
     BatchNorm: the per-sample pass holds the batch statistics constant (see
     ``sample_statistics``). Buffers passed as ``buffers`` (BatchNorm running statistics) keep the
@@ -137,6 +139,7 @@ class Pls(LineSearchBase):
         expl_policy: str = "linear",
         fpush: float = 1.0,
         sample_chunk_size: int | None = None,
+        variance_estimator: str = BATCH_MEAN,
         buffers: Iterable[torch.Tensor] | None = None,
     ):
         require(is_finite_number(initial_learning_rate) and initial_learning_rate > 0, "initial_learning_rate",
@@ -156,6 +159,8 @@ class Pls(LineSearchBase):
         require(is_finite_number(fpush) and fpush > 0, "fpush", fpush, "a finite number > 0")
         if sample_chunk_size is not None:
             require_integer(sample_chunk_size, "sample_chunk_size", 1)
+        require(variance_estimator in VARIANCE_ESTIMATORS, "variance_estimator", variance_estimator,
+                f"one of {VARIANCE_ESTIMATORS}")
         defaults = dict(
             initial_learning_rate=float(initial_learning_rate),
             c_w=float(c_w),
@@ -171,6 +176,7 @@ class Pls(LineSearchBase):
             expl_policy=expl_policy,
             fpush=float(fpush),
             sample_chunk_size=sample_chunk_size,
+            variance_estimator=variance_estimator,
         )
         super().__init__(params, defaults, buffers)
         self._search = _initial_search(float(initial_learning_rate))
@@ -293,7 +299,7 @@ class Pls(LineSearchBase):
         """
         group = self.param_groups[0]
         params = self._params()
-        evaluation = evaluate_batch(closure, params, group["sample_chunk_size"])
+        evaluation = evaluate_batch(closure, params, group["sample_chunk_size"], group["variance_estimator"])
         search = self._search
         search["forward_passes"] += 2
         search["backward_passes"] += 2

@@ -5,7 +5,10 @@ of these two means (Mahsereci and Hennig, JMLR 2017, eq. 17):
 
     f_variance = (mean_i f_i² - f²) / (n - 1)        g_variance = (mean_i g_i² - ḡ²) / (n - 1)
 
-per coordinate, where f_i and g_i are the loss and gradient of sample i. The mean loss and gradient
+per coordinate, where f_i and g_i are the loss and gradient of sample i (``BATCH_MEAN``). The
+research code behind the LABPAL paper's figures used the sample variance of the losses and
+(Σ_i g_i² - ḡ²) / (n - 1) instead (``RESEARCH``), n times the paper's and more; it is offered to
+reproduce those figures. The mean loss and gradient
 come from the ordinary forward and backward pass; the per-sample gradients from a second pass with
 ``torch.func`` (``vmap`` of ``grad`` over ``functional_call``), which we reduce to the sum of
 squared deviations from their mean without keeping more than one chunk of them.
@@ -30,7 +33,15 @@ from torch.func import functional_call, grad, vmap
 
 from ..lab_pal import BatchClosure
 
-__all__ = ["BatchEvaluation", "evaluate_batch"]
+__all__ = ["BATCH_MEAN", "RESEARCH", "VARIANCE_ESTIMATORS", "BatchEvaluation", "evaluate_batch"]
+
+BATCH_MEAN = "batch_mean"
+"""The paper's estimators: the variances of the batch's mean loss and mean gradient."""
+
+RESEARCH = "research"
+"""The research code's: the variance of the single losses, and (Σ_i g_i² - ḡ²) / (n - 1)."""
+
+VARIANCE_ESTIMATORS = (BATCH_MEAN, RESEARCH)
 
 
 class BatchEvaluation(NamedTuple):
@@ -42,13 +53,13 @@ class BatchEvaluation(NamedTuple):
     gradient_variance: list[torch.Tensor]
 
 
-def evaluate_batch(closure: BatchClosure, params: list[torch.Tensor], sample_chunk_size: int | None = None
-                   ) -> BatchEvaluation:
+def evaluate_batch(closure: BatchClosure, params: list[torch.Tensor], sample_chunk_size: int | None = None,
+                   variance_estimator: str = BATCH_MEAN) -> BatchEvaluation:
     """Evaluate ``closure`` (per-sample losses) at the current parameters: f, g and their variances.
 
     ``params`` are the parameters to differentiate (they must belong to ``closure.model``); their
     ``.grad`` is overwritten. ``sample_chunk_size`` bounds how many per-sample gradients exist at
-    once (None: the whole batch).
+    once (None: the whole batch). ``variance_estimator`` is ``BATCH_MEAN`` or ``RESEARCH``.
     """
     model = closure.model
     with torch.enable_grad(), _batch_norm_statistics(model) as statistics:
@@ -64,8 +75,18 @@ def evaluate_batch(closure: BatchClosure, params: list[torch.Tensor], sample_chu
         loss.backward()
     losses = losses.detach()
     gradient = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    loss_variance = torch.var(losses, correction=1) / losses.shape[0]
-    gradient_variance = _gradient_variance(closure, params, statistics, sample_chunk_size)
+    count = losses.shape[0]
+    sample_mean, squared_deviations = _sample_gradient_moments(closure, params, statistics, sample_chunk_size)
+    if variance_estimator == RESEARCH:
+        loss_variance = torch.var(losses, correction=1)
+        # Σ_i g_i² = Σ_i (g_i - mean g)² + n (mean g)²
+        gradient_variance = [
+            (s + count * m.square() - g.square()) / (count - 1)
+            for s, m, g in zip(squared_deviations, sample_mean, gradient)
+        ]
+    else:
+        loss_variance = torch.var(losses, correction=1) / count
+        gradient_variance = [s / (count * (count - 1)) for s in squared_deviations]
     return BatchEvaluation(loss.detach(), gradient, loss_variance, gradient_variance)
 
 
@@ -98,8 +119,9 @@ def _record_statistics(name: str, statistics: dict, module: nn.Module, inputs: t
     statistics[f"{prefix}running_var"] = variance.to(module.running_var.dtype)
 
 
-def _gradient_variance(closure: BatchClosure, params, statistics, sample_chunk_size) -> list[torch.Tensor]:
-    """Per coordinate Σ_i (g_i - mean g)² / (n (n - 1)), from per-sample gradients in chunks."""
+def _sample_gradient_moments(closure: BatchClosure, params, statistics, sample_chunk_size
+                             ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per coordinate the mean of the per-sample gradients g_i and Σ_i (g_i - mean g)², in chunks."""
     model = closure.model
     names = _parameter_names(model, params)
     constants = {name: tensor.detach() for name, tensor in model.named_parameters() if name not in names.values()}
@@ -141,7 +163,7 @@ def _gradient_variance(closure: BatchClosure, params, statistics, sample_chunk_s
                 m.add_(delta, alpha=chunk_count / total)
                 s.add_(cs).add_(delta.square(), alpha=count * chunk_count / total)
             count = total
-    return [s / (count * (count - 1)) for s in squared_deviations]
+    return mean, squared_deviations
 
 
 def _parameter_names(model: nn.Module, params) -> dict[int, str]:
