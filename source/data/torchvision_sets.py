@@ -17,12 +17,14 @@ from __future__ import annotations
 import pickle
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, NoReturn
 
+import numpy as np
 from scipy.io.matlab import MatReadError
-from torchvision.datasets import CIFAR10, CIFAR100, SVHN
+from torchvision.datasets import CIFAR10, CIFAR100, SVHN, VisionDataset
 
 from source.data.options import DataOptions
+from source.data.safe_pickle import RefusedPickle, load_data_pickle
 from source.data.splits import DataSplits, class_index, image_classification_splits
 from source.data.transforms import dataset_image_pipelines
 from source.errors import UserError
@@ -30,6 +32,7 @@ from source.errors import UserError
 __all__ = ["build_cifar10", "build_cifar100", "build_svhn"]
 
 _NATIVE_SIZE = 32
+_ROW_BYTES = 3 * _NATIVE_SIZE * _NATIVE_SIZE
 _SVHN_FOLDER = "svhn"
 _SVHN_FILES = {"train": "train_32x32.mat", "test": "test_32x32.mat"}
 _SVHN_SOURCE = "http://ufldl.stanford.edu/housenumbers/"
@@ -40,22 +43,107 @@ _READ_ERRORS = (OSError, EOFError, ValueError, KeyError, IndexError, pickle.Unpi
 
 
 # torchvision compares each file's MD5 with the one official release every time a
-# data set is constructed. These readers check only that the files exist (torchvision
-# still verifies the archive's MD5 when it downloads), so any faithful copy in the
-# same format loads, including the small files the tests write; a damaged file fails
-# when it is unpickled and becomes a UserError below. It also skips hashing 180 MB
-# at every start.
-class _CIFAR10Files(CIFAR10):
-    """torchvision's CIFAR-10 reader, checking that its files exist instead of their MD5."""
+# data set is constructed, and unpickles the files with ``pickle.load``, which runs
+# whatever code a crafted file names. These readers check only that the files exist
+# (torchvision still verifies the archive's MD5 when it downloads), so any faithful
+# copy in the same format loads, including the small files the tests write, and it
+# skips hashing 180 MB at every start. In exchange they read every file through
+# ``load_data_pickle``, which admits only pickled numpy arrays and plain values, and
+# check that its content has the format's keys, types and shapes.
+class _SafeCIFARFiles:
+    """Loads torchvision's CIFAR files safely; mixed in before CIFAR10 or CIFAR100.
 
+    Sets what torchvision's own constructor sets (``data`` as (N, 32, 32, 3) uint8,
+    ``targets``, ``classes``, ``class_to_idx``), so its ``__getitem__`` serves the images.
+    """
+
+    title: str
+    num_classes: int
+    label_key: str
+
+    def __init__(
+        self,
+        root: str | Path,
+        train: bool = True,
+        transform: Callable | None = None,
+        target_transform: Callable | None = None,
+        download: bool = False,
+    ) -> None:
+        # VisionDataset's constructor, not CIFAR10's: that one is what reads the files with pickle.load.
+        VisionDataset.__init__(self, root, transform=transform, target_transform=target_transform)
+        self.train = train
+        if download:
+            self.download()
+        self._load_meta()
+        batches = [self._read_batch(file_name) for file_name, _ in (self.train_list if train else self.test_list)]
+        rows = np.concatenate([batch_rows for batch_rows, _ in batches])
+        # Each row holds the red plane, then green, then blue; images are served as HWC.
+        self.data = rows.reshape(-1, 3, _NATIVE_SIZE, _NATIVE_SIZE).transpose(0, 2, 3, 1)
+        self.targets = [label for _, labels in batches for label in labels]
+
+    def _load_meta(self) -> None:
+        key = self.meta["key"]
+        content = self._read_dictionary(self.meta["filename"], [key])
+        names = content[key]
+        is_name_list = isinstance(names, list) and all(isinstance(name, str) for name in names)
+        if not is_name_list or len(names) != self.num_classes:
+            self._refuse(self.meta["filename"], f"'{key}' is not a list of {self.num_classes} class names")
+        self.classes = names
+        self.class_to_idx = {name: index for index, name in enumerate(names)}
+
+    def _read_batch(self, file_name: str) -> tuple[np.ndarray, list[int]]:
+        """One batch file's image rows, (N, 3072) uint8, and its N labels, each checked."""
+        content = self._read_dictionary(file_name, ["data", self.label_key])
+        rows, labels = content["data"], content[self.label_key]
+        if not isinstance(rows, np.ndarray):
+            self._refuse(file_name, f"'data' is of type {type(rows).__name__}, not uint8 rows of {_ROW_BYTES} bytes")
+        if rows.dtype != np.uint8 or rows.ndim != 2 or rows.shape[1] != _ROW_BYTES:
+            self._refuse(
+                file_name, f"'data' is a {rows.dtype} array of shape {rows.shape}, not uint8 rows of {_ROW_BYTES} bytes"
+            )
+        if not isinstance(labels, list) or not all(type(label) is int for label in labels):
+            self._refuse(file_name, f"'{self.label_key}' is not a list of ints")
+        if len(labels) != len(rows):
+            self._refuse(file_name, f"it holds {len(rows)} images, {len(labels)} labels")
+        if labels and not 0 <= min(labels) <= max(labels) < self.num_classes:
+            self._refuse(file_name, f"'{self.label_key}' holds labels outside 0..{self.num_classes - 1}")
+        return rows, labels
+
+    def _read_dictionary(self, file_name: str, keys: list[str]) -> dict:
+        """The pickled dictionary in ``file_name``, refused unless it is one and holds ``keys``."""
+        try:
+            content = load_data_pickle(self._path(file_name))
+        except RefusedPickle as error:
+            self._refuse(file_name, str(error))
+        if not isinstance(content, dict):
+            self._refuse(file_name, f"it holds a {type(content).__name__}, not a dict")
+        missing = [key for key in keys if key not in content]
+        if missing:
+            self._refuse(file_name, f"it has no {', '.join(repr(key) for key in missing)}")
+        return content
+
+    def _path(self, file_name: str) -> Path:
+        return Path(self.root) / self.base_folder / file_name
+
+    def _refuse(self, file_name: str, reason: str) -> NoReturn:
+        raise UserError(
+            f"{self._path(file_name)} is not a {self.title} data file: {reason}; delete it and download it again"
+        )
+
+
+class _CIFAR10Files(_SafeCIFARFiles, CIFAR10):
+    """CIFAR-10 read safely, checking that its files exist instead of their MD5."""
+
+    title, num_classes, label_key = "CIFAR-10", 10, "labels"
     train_list = [[file_name, None] for file_name, _ in CIFAR10.train_list]
     test_list = [[file_name, None] for file_name, _ in CIFAR10.test_list]
     meta = {**CIFAR10.meta, "md5": None}
 
 
-class _CIFAR100Files(CIFAR100):
-    """torchvision's CIFAR-100 reader, checking that its files exist instead of their MD5."""
+class _CIFAR100Files(_SafeCIFARFiles, CIFAR100):
+    """CIFAR-100 (fine labels) read safely, checking that its files exist instead of their MD5."""
 
+    title, num_classes, label_key = "CIFAR-100", 100, "fine_labels"
     train_list = [[file_name, None] for file_name, _ in CIFAR100.train_list]
     test_list = [[file_name, None] for file_name, _ in CIFAR100.test_list]
     meta = {**CIFAR100.meta, "md5": None}
@@ -70,17 +158,15 @@ class _SVHNFiles(SVHN):
 
 def build_cifar10(root: Path, options: DataOptions) -> DataSplits:
     """CIFAR-10 (50,000 training / 10,000 test images, 10 classes)."""
-    return _build_cifar("cifar10", "CIFAR-10", _CIFAR10Files, root, options, num_classes=10)
+    return _build_cifar("cifar10", _CIFAR10Files, root, options)
 
 
 def build_cifar100(root: Path, options: DataOptions) -> DataSplits:
     """CIFAR-100 (50,000 / 10,000 images, 100 fine-label classes)."""
-    return _build_cifar("cifar100", "CIFAR-100", _CIFAR100Files, root, options, num_classes=100)
+    return _build_cifar("cifar100", _CIFAR100Files, root, options)
 
 
-def _build_cifar(
-    name: str, title: str, reader: type[CIFAR10], root: Path, options: DataOptions, *, num_classes: int
-) -> DataSplits:
+def _build_cifar(name: str, reader: type[_SafeCIFARFiles], root: Path, options: DataOptions) -> DataSplits:
     """CIFAR-10 or CIFAR-100 read by ``reader`` from root/<reader.base_folder>."""
     pipelines = dataset_image_pipelines(name, options, native_size=_NATIVE_SIZE)
     folder = root / reader.base_folder
@@ -88,14 +174,14 @@ def _build_cifar(
     missing = [file_name for file_name in expected if not (folder / file_name).is_file()]
     if missing and not options.download:
         raise UserError(
-            f"{title} files missing: put {', '.join(missing)} into {folder} (unpack {reader.filename} "
+            f"{reader.title} files missing: put {', '.join(missing)} into {folder} (unpack {reader.filename} "
             f"from {_CIFAR_SOURCE} into {root}), or set data.download = True"
         )
-    with _reading(title, folder, download=bool(missing)):
+    with _reading(reader.title, folder, download=bool(missing)):
         training_base = reader(root, train=True, target_transform=class_index, download=bool(missing))
         test = reader(root, train=False, transform=pipelines.evaluation, target_transform=class_index)
     return image_classification_splits(
-        name, training_base, test, pipelines=pipelines, num_classes=num_classes, options=options
+        name, training_base, test, pipelines=pipelines, num_classes=reader.num_classes, options=options
     )
 
 
