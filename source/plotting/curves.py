@@ -12,6 +12,7 @@ metrics file does not have (older files lack the passes, batch sizes and events)
 
 import json
 import statistics
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,20 +161,35 @@ def _save(figure, stem):
     return stem.with_suffix(_FORMATS[0])
 
 
+LEGEND_LINE_CHARACTERS = 80
+"""The longest legend line that fits a figure's width in the legend's font."""
+
+
 def _legend_columns(labels):
     # Long labels (many hyper-parameters) get the figure's whole width.
     return 1 if max(map(len, labels)) > 40 else 2
 
 
+def _wrapped(label):
+    # A label with many hyper-parameters is wider than the figure; it continues on the next line.
+    return textwrap.fill(label, LEGEND_LINE_CHARACTERS, subsequent_indent="    ")
+
+
 def _legend(figure, handles, labels):
     figure.legend(
-        handles, labels, loc="outside lower center", ncols=_legend_columns(labels), fontsize="small", frameon=False
+        handles,
+        [_wrapped(label) for label in labels],
+        loc="outside lower center",
+        ncols=_legend_columns(labels),
+        fontsize="small",
+        frameon=False,
     )
 
 
 def _legend_height(labels):
     """Inches the legend below the axes needs."""
-    return 0.2 * -(-(len(labels) + 1) // _legend_columns(labels))
+    lines = sum(_wrapped(label).count("\n") + 1 for label in labels)
+    return 0.2 * -(-(lines + 1) // _legend_columns(labels))
 
 
 def _line_figure(stem, title, y_label, curves, *, log_scale, marks=(), mark_label=None, levels=False):
