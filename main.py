@@ -10,10 +10,16 @@ A run trains in <runs_folder>/<experiment name>/ (metrics, TensorBoard events, c
 resolved configuration) and draws figures into <plots_folder>/<experiment name>/. A comparison (a
 file with a [comparison] section) trains each entry and seed as such a run inside
 <runs_folder>/<experiment name>/ and writes the results table and figures there. Both print where
-everything went. A problem with the input ends with one line on stderr and exit status 2.
+everything went.
+
+Exit status: 0 when the run (or comparison) finished or stopped after --stop-after-steps; 2 after
+one line on stderr about a problem with the input; 3 when the run diverged (a comparison: when
+every run diverged; otherwise its table marks the diverged ones); 130 and 143 when SIGINT (Ctrl-C)
+or SIGTERM stopped it, after saving its checkpoint (a second signal aborts at once, same status).
 """
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -22,10 +28,13 @@ from source.configuration import load_configuration
 from source.errors import UserError
 from source.plotting import PlottedRun, check_plot_folder, claim_plot_folder, legend_label, plot_runs
 from source.training import RunFolder, run_experiment
+from source.training.run_folder import check_writable_folder, configuration_to_resume
 
 DEFAULT_CONFIGURATION = "configuration_lab_pal.txt"
 USAGE_ERROR = 2
-INTERRUPTED = 130
+DIVERGED = 3
+SIGNAL_STATUS_BASE = 128
+"""A run stopped by signal N exits with 128 + N, as the shell reports a process killed by it."""
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -65,7 +74,9 @@ def parse_arguments(argv):
     parser.add_argument(
         "--resume",
         action="store_true",
-        help="continue the run (or comparison) in <runs_folder>/<experiment name> from its last checkpoint",
+        help="continue the run (or comparison) in <runs_folder>/<experiment name> from its last checkpoint, "
+        "with the configuration saved there; --set may change only where and how it runs, its length and "
+        "its logging",
     )
     parser.add_argument(
         "--stop-after-steps",
@@ -128,16 +139,32 @@ def _report_comparison(outcome):
         print(f"{name + ':':<{width}} {value}")
 
 
+def _exit_status(stopped_by_signal, diverged):
+    """128 + the signal that stopped the run, DIVERGED, or 0."""
+    if stopped_by_signal is not None:
+        return SIGNAL_STATUS_BASE + stopped_by_signal
+    return DIVERGED if diverged else 0
+
+
 def run(arguments):
     """Load the configuration, train (or resume), plot, and report; return the exit status."""
     configuration = load_configuration(arguments.config, arguments.overrides)
     if configuration.is_comparison:
         outcome = run_comparison(configuration, resume=arguments.resume, stop_after_steps=arguments.stop_after_steps)
         _report_comparison(outcome)
-        return 0
+        if outcome.diverged and not outcome.tested:
+            print("error: every run of the comparison diverged; see results.md", file=sys.stderr)
+        return _exit_status(outcome.stopped_by_signal, outcome.diverged and not outcome.tested)
+    if arguments.resume:
+        # A resumed run continues with the configuration saved in its folder.
+        configuration, ignored = configuration_to_resume(configuration)
+        if ignored:
+            print(ignored, flush=True)
     run_folder = RunFolder.of(configuration)
     plot_folder = Path(configuration["logging"]["plots_folder"]) / configuration["experiment"]["name"]
-    check_plot_folder(plot_folder, run_folder.path)
+    with configuration.blame("logging", "plots_folder"):
+        check_writable_folder(plot_folder)
+        check_plot_folder(plot_folder, run_folder.path)
     outcome = run_experiment(configuration, resume=arguments.resume, stop_after_steps=arguments.stop_after_steps)
     plot_files = []
     if run_folder.metrics_path.exists() and run_folder.metrics_path.stat().st_size:
@@ -149,19 +176,21 @@ def run(arguments):
             model=configuration["model"]["name"],
         )
     _report(run_folder, plot_files, outcome)
-    return 0
+    if outcome.diverged:
+        print(f"error: {outcome.diverged}", file=sys.stderr)
+    return _exit_status(outcome.stopped_by_signal, outcome.diverged)
 
 
 def main(argv=None):
-    """Entry point: returns 0 on success, 2 after a one-line error about the input, 130 when aborted."""
+    """Entry point: returns the exit status (see the module docstring)."""
     try:
         return run(parse_arguments(argv))
     except UserError as error:
         print(f"error: {' '.join(str(error).splitlines())}", file=sys.stderr)
         return USAGE_ERROR
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as error:
         print("aborted; the last checkpoint is kept, continue with --resume", file=sys.stderr)
-        return INTERRUPTED
+        return SIGNAL_STATUS_BASE + getattr(error, "signal_number", signal.SIGINT)
 
 
 if __name__ == "__main__":

@@ -435,7 +435,9 @@ def test_comparison_preset_is_valid_and_every_entry_builds(path):
         optimizer = build_optimizer(
             entry.optimizer, model, dict(entry.arguments), training_set_size=40_000, inference_batch_size=128
         )
-        schedule = build_schedule(entry.schedule, optimizer, dict(entry.schedule_arguments))
+        schedule = build_schedule(
+            entry.schedule, optimizer, dict(entry.schedule_arguments), configuration["training"]["training_steps"]
+        )
         if entry.optimizer == "sgd" and paper:
             assert optimizer.param_groups[0]["lr"] == 0.1
             assert dict(schedule.milestones) == {75_000: 1, 112_500: 1} and schedule.gamma == 0.1

@@ -48,8 +48,8 @@ def test_torch_optimizers_take_their_own_arguments():
         ("labpal", {}, "unknown optimizer 'labpal' (did you mean 'lab_pal'?); valid optimizers: adagrad, adam,"),
         ("lab_pal", {"step_adaption": 2.0}, "unknown argument 'step_adaption' for optimizer 'lab_pal' (did you mean 'step_adaptation'?); accepted: mode,"),
         ("lab_pal", {"buffers": None}, "unknown argument 'buffers'"),
-        ("lab_pal", {"momentum": 1.5}, "optimizer 'lab_pal': Invalid momentum: 1.5; it must be in [0, 1)"),
-        ("sgd", {"lr": -1.0}, "optimizer 'sgd': Invalid learning rate: -1.0"),
+        ("lab_pal", {"momentum": 1.5}, "optimizer 'lab_pal' refuses argument momentum: Invalid momentum: 1.5; it must be in [0, 1)"),
+        ("sgd", {"lr": -1.0}, "optimizer 'sgd' refuses argument lr: Invalid learning rate: -1.0"),
     ],
 )
 def test_bad_names_and_arguments_are_user_errors(name, arguments, message):

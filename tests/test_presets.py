@@ -43,7 +43,8 @@ def test_preset_is_valid_and_its_optimizer_and_schedule_build(path):
         optimizer_section["name"], model, dict(optimizer_section["arguments"]),
         training_set_size=40_000, inference_batch_size=128,
     )
-    schedule = build_schedule(configuration["schedule"]["name"], optimizer, dict(configuration["schedule"]["arguments"]))
+    schedule = build_schedule(configuration["schedule"]["name"], optimizer, dict(configuration["schedule"]["arguments"]),
+                              configuration["training"]["training_steps"])
     if path.stem.endswith("_sgd") and not path.stem.endswith("lab_pal_sgd"):
         assert optimizer.param_groups[0]["lr"] == 0.1
         assert dict(schedule.milestones) == {75_000: 1, 112_500: 1} and schedule.gamma == 0.1

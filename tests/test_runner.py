@@ -162,7 +162,7 @@ BAD_RUNS = {
     "unknown schedule": (["--set", "schedule.name=cosine"], ["[schedule] name = 'cosine'", "CosineAnnealingLR"]),
     "unknown optimizer argument": (
         ["--set", "optimizer.arguments.step_adaption=3.6"],
-        ["tiny.txt: [optimizer]", "step_adaption", "step_adaptation"],
+        ["--set optimizer.arguments.step_adaption=3.6: [optimizer]", "step_adaption", "step_adaptation"],
     ),
     "unknown schedule argument": (
         _set(
@@ -171,15 +171,15 @@ BAD_RUNS = {
             "schedule.name=MultiStepLR",
             "schedule.arguments.milestone=5,",
         ),
-        ["tiny.txt: [schedule]", "no argument milestone", "milestones"],
+        ["--set schedule.arguments.milestone=5,: [schedule]", "no argument milestone", "milestones"],
     ),
     "schedule for lab_pal": (
         ["--set", "schedule.name=StepLR", "--set", "schedule.arguments.step_size=5"],
-        ["tiny.txt: [schedule]", "LabPal sets its own learning rate"],
+        ["[schedule]", "LabPal sets its own learning rate"],
     ),
     "optimizer value refused": (
         ["--set", "optimizer.name=sgd", "--set", "optimizer.arguments.lr=-1"],
-        ["tiny.txt: [optimizer]", "Invalid learning rate: -1"],
+        ["--set optimizer.arguments.lr=-1: [optimizer]", "Invalid learning rate: -1"],
     ),
     "batch larger than training set": (
         ["--set", "training.batch_size=5000"],
@@ -187,7 +187,7 @@ BAD_RUNS = {
     ),
     "missing data files": (
         ["--set", "data.name=cifar10", "--set", "model.name=resnet20"],
-        ["tiny.txt: [data]", "cifar-10-batches-py"],
+        ["--set data.name=cifar10: [data]", "cifar-10-batches-py"],
     ),
     "missing configuration file": (["--config", "absent.txt"], ["absent.txt not found"]),
     "bad --set": (["--set", "training"], ["--set training", "section.key=value"]),
@@ -226,7 +226,7 @@ def test_existing_run_is_never_overwritten_and_resumes_only_with_its_configurati
     assert main.main(arguments) == 2
     assert "runs/tiny already exists: continue that run with --resume" in capsys.readouterr().err
     assert main.main([*arguments, "--resume", "--set", "model.name=mlp"]) == 2
-    assert "[model] name differ from its configuration.txt; resume with --config runs/tiny/configuration.txt" in (
+    assert "--set model.name=mlp: [model] name cannot change when resuming runs/tiny (saved: small_cnn)" in (
         capsys.readouterr().err
     )
     assert main.main([*arguments, "--resume"]) == 0

@@ -5,6 +5,8 @@ so that a comparison that just trained and ``python -m source.plotting`` on its 
 write the same files. A folder is a comparison folder (its configuration.txt has [comparison]:
 its entries in file order, each with its seeds' runs) or a run folder (an entry of one run; the run
 folders of a comparison entry, <entry id>/seed_<seed>, join into one entry named <entry id>).
+A run whose metrics hold a "diverged" record is marked so in the status column; it has no test
+result, so the test means are over the seeds that finished.
 """
 
 import csv
@@ -150,6 +152,7 @@ def _run_values(run, quality, higher_is_better):
         "forward_passes": _last(counted, "forward_passes"),
         "backward_passes": _last(counted, "backward_passes"),
         "finished": bool(test),
+        "diverged": bool(_records(run, "diverged")),
     }
 
 
@@ -164,12 +167,17 @@ def _std(values):
     return statistics.stdev(values) if len(values) > 1 else None
 
 
-def _status(entry, finished_runs):
+def _status(entry, finished_runs, diverged_runs):
+    seeds = len(entry.seeds)
     if not entry.runs:
         return "not started"
-    if finished_runs == len(entry.seeds):
+    if diverged_runs == seeds:
+        return "diverged"
+    if diverged_runs:
+        return f"diverged ({diverged_runs}/{seeds} seeds; {finished_runs}/{seeds} finished)"
+    if finished_runs == seeds:
         return "finished"
-    return f"incomplete ({finished_runs}/{len(entry.seeds)} seeds finished)"
+    return f"incomplete ({finished_runs}/{seeds} seeds finished)"
 
 
 def result_rows(entries):
@@ -221,7 +229,7 @@ def result_rows(entries):
                 "wall_time_seconds_mean": mean("wall_time_seconds"),
                 "forward_passes": whole("forward_passes"),
                 "backward_passes": whole("backward_passes"),
-                "status": _status(entry, sum(column.get("finished", []))),
+                "status": _status(entry, sum(column.get("finished", [])), sum(column.get("diverged", []))),
             }
         )
     return columns, rows

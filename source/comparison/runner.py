@@ -5,6 +5,10 @@ configuration.txt, one folder per entry with one run folder per seed, and the re
 (results.csv, results.md and the figures as .png and .pdf). As with a single run, an existing
 comparison folder is never reused without --resume; --resume skips the runs that finished,
 continues the interrupted one from its last checkpoint and starts the rest.
+
+A run that diverges is marked "diverged" in the results table and the comparison goes on with
+the next run; --resume skips it like a finished one. A comparison counts as successful (exit status
+0) when at least one run gave a test result; when every run diverged, main.py exits with 3.
 """
 
 from dataclasses import dataclass
@@ -14,8 +18,9 @@ from source.comparison.entries import read_comparison
 from source.comparison.results import collect_entries, write_results
 from source.configuration import COMPARISON, differing_keys, format_configuration, key_label, load_configuration
 from source.errors import UserError
+from source.plotting import read_metrics
 from source.training import run_experiment
-from source.training.checkpoints import load_checkpoint, write_text_atomically
+from source.training.checkpoints import read_checkpoint, remove_partial_files, write_text_atomically
 from source.training.run_folder import RESUMABLE
 
 __all__ = ["ComparisonOutcome", "run_comparison"]
@@ -26,13 +31,20 @@ CONFIGURATION_FILE = "configuration.txt"
 
 @dataclass(frozen=True)
 class ComparisonOutcome:
-    """How a comparison ended: its folder, whether every run finished, and the files it wrote."""
+    """How a comparison ended: its folder, whether every run finished (or diverged), and the files it wrote.
+
+    ``diverged`` names the runs that diverged, ``tested`` counts the runs with a test result, and
+    ``stopped_by_signal`` is the signal (SIGINT, SIGTERM) that stopped the comparison, if one did.
+    """
 
     folder: Path
     finished: bool
     run_folders: list
     files: list
     table: str
+    diverged: list = ()
+    tested: int = 0
+    stopped_by_signal: int | None = None
 
 
 def _progress(message):
@@ -77,11 +89,22 @@ def _is_addition(path, stored, comparison):
 
 
 def _finished_step(run_folder, total):
-    """The step an existing run has reached, and whether it finished all ``total`` steps."""
+    """The step an existing run has reached, whether it finished all ``total`` steps, and whether it diverged.
+
+    A run that diverged before its first checkpoint has only its "diverged" record. A damaged
+    last.pt counts as step 0 here; resuming the run reports it (or falls back to the previous
+    checkpoint).
+    """
     if not run_folder.last_checkpoint_path.exists():
-        return 0, False
-    checkpoint = load_checkpoint(run_folder.last_checkpoint_path)
-    return checkpoint["step"], checkpoint["finished"] and checkpoint["step"] == total
+        metrics = run_folder.metrics_path
+        diverged = metrics.is_file() and any(record["split"] == "diverged" for record in read_metrics(metrics))
+        return 0, False, diverged
+    try:
+        checkpoint = read_checkpoint(run_folder.last_checkpoint_path, ("step", "finished"))
+    except UserError:
+        return 0, False, False
+    finished = bool(checkpoint["finished"]) and checkpoint["step"] == total
+    return checkpoint["step"], finished, bool(checkpoint.get("diverged"))
 
 
 def run_comparison(configuration, *, resume=False, stop_after_steps=None):
@@ -96,6 +119,7 @@ def run_comparison(configuration, *, resume=False, stop_after_steps=None):
     comparison.check_entries_build()
     folder = comparison.folder
     folder.mkdir(parents=True, exist_ok=resume)
+    remove_partial_files(folder)
     header = [
         f"Resolved configuration of the comparison in {folder}: {configuration.source},",
         "the --set overrides and the defaults of source/configuration/configspec.ini.",
@@ -105,14 +129,17 @@ def run_comparison(configuration, *, resume=False, stop_after_steps=None):
     total = configuration["training"]["training_steps"]
     runs = comparison.runs()
     steps_left = stop_after_steps
-    finished = True
+    finished, diverged, tested, stopped_by_signal = True, [], 0, None
     for number, (entry, seed) in enumerate(runs, start=1):
         name = f"[{number}/{len(runs)}] {entry.id} ({entry.label}) seed {seed}"
         run_configuration = comparison.run_configuration(entry, seed)
         run_folder = comparison.run_folder(entry, seed)
-        start, done = _finished_step(run_folder, total)
-        if done:
-            _progress(f"{name}: finished already, skipped")
+        start, done, diverged_before = _finished_step(run_folder, total)
+        if done or diverged_before:
+            _progress(f"{name}: {'finished' if done else 'diverged'} already, skipped")
+            tested += done
+            if diverged_before:
+                diverged.append(name)
             continue
         if steps_left == 0:
             finished = False
@@ -121,13 +148,20 @@ def run_comparison(configuration, *, resume=False, stop_after_steps=None):
         outcome = run_experiment(run_configuration, resume=run_folder.path.exists(), stop_after_steps=steps_left)
         if steps_left is not None:
             steps_left -= outcome.step - start
+        if outcome.diverged:
+            _progress(f"{name}: diverged; going on with the next run")
+            diverged.append(name)
+            continue
         if not outcome.finished:
-            finished = False
+            finished, stopped_by_signal = False, outcome.stopped_by_signal
             break
+        tested += 1
         quality = "accuracy" if "accuracy" in outcome.test else "rmse"
         _progress(f"{name}: finished, test {quality} {outcome.test[quality]:.4f}")
     if not finished:
         _progress(f"comparison stopped; continue it with --resume (results so far in {folder})")
+    if diverged:
+        _progress(f"diverged (marked so in the results): {'; '.join(diverged)}")
     files, table = write_results(collect_entries([folder]), folder)
     return ComparisonOutcome(
         folder=folder,
@@ -135,4 +169,7 @@ def run_comparison(configuration, *, resume=False, stop_after_steps=None):
         run_folders=[comparison.run_folder(entry, seed).path for entry, seed in runs],
         files=files,
         table=table,
+        diverged=diverged,
+        tested=tested,
+        stopped_by_signal=stopped_by_signal,
     )

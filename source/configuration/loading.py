@@ -6,7 +6,7 @@ that caused it), the key and what is expected, so ``main.py`` can print it and e
 
 import ast
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from configobj import ConfigObj, ConfigObjError, Section, flatten_errors
@@ -56,11 +56,14 @@ class Configuration:
     ``sections["training"]["batch_size"]`` (or ``configuration["training"]["batch_size"]``)
     is an int; free-form ``arguments`` subsections hold typed words (bool, None, int, float,
     text, or lists of them). A comparison has a [comparison] section and no [optimizer] or
-    [schedule]; any other configuration has no [comparison].
+    [schedule]; any other configuration has no [comparison]. ``overrides`` maps the key path of
+    each value given with ``--set``, such as ("training", "batch_size"), to that option's text
+    ("--set training.batch_size=64"), so that messages name the option instead of the file.
     """
 
     sections: dict
     source: str
+    overrides: dict = field(default_factory=dict)
 
     def __getitem__(self, section):
         return self.sections[section]
@@ -70,18 +73,32 @@ class Configuration:
         """Whether this is a comparison of optimizers (it has a [comparison] section)."""
         return COMPARISON in self.sections
 
+    def origin(self, path):
+        """Where the value at key path ``path`` (or the values inside it) came from: the --set options, or the file."""
+        given = [text for key_path, text in self.overrides.items() if key_path[: len(path)] == path]
+        return ", ".join(given) or self.source
+
     def where(self, section, key=None):
         """Name a section or key for messages: "configuration_lab_pal.txt: [training] batch_size"."""
         label = key_label((section,), key) if key else section_label((section,))
-        return f"{self.source}: {label}"
+        return f"{self.origin((section, key) if key else (section,))}: {label}"
 
     @contextlib.contextmanager
     def blame(self, section, key=None):
-        """Prefix a ``UserError`` raised inside with the file and key it comes from."""
+        """Prefix a ``UserError`` raised inside with the file (or --set) and key it comes from.
+
+        An ``InvalidArgument`` names one of the section's [[arguments]], and its --set if it has one.
+        """
         try:
             yield
         except UserError as error:
-            raise UserError(f"{self.where(section, key)}: {error}") from None
+            argument = getattr(error, "argument", None)
+            if argument is not None and self.overrides:
+                origin = self.overrides.get((section, "arguments", argument), self.source)
+                where = f"{origin}: {section_label((section,))}"
+            else:
+                where = self.where(section, key)
+            raise UserError(f"{where}: {error}") from None
 
 
 def load_configuration(path, overrides=()):
@@ -107,7 +124,7 @@ def load_configuration(path, overrides=()):
         raise UserError(f"{source}: not a valid configuration file: {error}") from None
     origins = {}
     for override in overrides:
-        origins[_apply_override(document, override)] = f"--set {override}"
+        origins[_apply_override(document, override)] = f"--set {_abbreviate(override)}"
     _check_structure(document, document.configspec, source, origins, ())
     is_comparison = COMPARISON in document
     if is_comparison:
@@ -117,7 +134,7 @@ def load_configuration(path, overrides=()):
     # Validation fills in every section of the configspec; keep those this kind of configuration has.
     for name in ENTRY_SECTIONS if is_comparison else (COMPARISON,):
         del sections[name]
-    return Configuration(sections=sections, source=source)
+    return Configuration(sections=sections, source=source, overrides=origins)
 
 
 def format_configuration(configuration, header):
@@ -153,9 +170,16 @@ def _apply_override(document, override):
             f"--set {override}: expected section.key=value, e.g. --set training.batch_size=64"
         )
     try:
-        value = ConfigObj([f"value = {text}"], interpolation=False, raise_errors=True)["value"]
+        parsed = ConfigObj([f"value = {text}"], interpolation=False, raise_errors=True)
     except ConfigObjError as error:
         raise UserError(f"--set {override}: cannot read the value: {error}") from None
+    value = parsed["value"]
+    if parsed.inline_comments["value"]:
+        # In a file "# ..." after a value is a comment; on the command line it is a typing slip.
+        raise UserError(
+            f"--set {override}: the value would end at '#', which starts a comment in configuration values; "
+            "leave the '#' out"
+        )
     section = document
     for depth, name in enumerate(key_path[:-1], start=1):
         if name not in section:
@@ -240,8 +264,13 @@ def _validate(document, source, origins):
     if error is False:
         raise UserError(f"{where}: {key_label(path, key)} is missing: expected {expectation}{suffix}")
     value = section.get(key, "")
-    shown = ", ".join(value) if isinstance(value, list) else value
+    shown = _abbreviate(", ".join(value) if isinstance(value, list) else value)
     raise UserError(f"{where}: {key_label(path, key)} = {shown!r}: expected {expectation}{suffix}")
+
+
+def _abbreviate(text, length=80):
+    """``text``, or its start and "..." when it is longer than ``length``: messages stay one readable line."""
+    return text if len(text) <= length else f"{text[: length - 3]}..."
 
 
 def _describe_check(check):

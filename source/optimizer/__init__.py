@@ -9,6 +9,7 @@ import inspect
 
 import torch
 
+from ..configuration.checks import InvalidArgument, check_argument_types, find_refused_argument
 from ..errors import UserError
 from .gols_i import GolsI
 from .lab_pal import LabPal, make_batch_closure
@@ -72,7 +73,8 @@ def build_optimizer(
     """Build optimizer ``name`` for ``model`` with the user's ``arguments``.
 
     Classes that take them also get the model's buffers and the training-set and
-    inference-batch sizes.
+    inference-batch sizes. A problem with one argument (unknown, of the wrong type, or refused by
+    the class) raises ``InvalidArgument`` naming it.
     """
     optimizer_class = _optimizer_class(name)
     accepted = accepted_arguments(name)
@@ -80,20 +82,34 @@ def build_optimizer(
         if argument not in accepted:
             close = difflib.get_close_matches(argument, accepted, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise UserError(
-                f"unknown argument {argument!r} for optimizer {name!r}{hint}; accepted: {', '.join(accepted)}"
+            raise InvalidArgument(
+                argument,
+                f"unknown argument {argument!r} for optimizer {name!r}{hint}; accepted: {', '.join(accepted)}",
             )
-    available = dict(
-        buffers=model.buffers(),
-        training_set_size=training_set_size,
-        inference_batch_size=inference_batch_size,
-    )
-    takes = inspect.signature(optimizer_class.__init__).parameters
-    automatic = {argument: value for argument, value in available.items() if argument in takes}
     try:
-        return optimizer_class(model.parameters(), **arguments, **automatic)
+        check_argument_types(optimizer_class.__init__, arguments)
+    except InvalidArgument as error:
+        raise InvalidArgument(error.argument, f"{error} (optimizer {name!r})") from None
+    takes = inspect.signature(optimizer_class.__init__).parameters
+
+    def build(parameters, arguments, buffers):
+        available = dict(
+            buffers=buffers, training_set_size=training_set_size, inference_batch_size=inference_batch_size
+        )
+        automatic = {argument: value for argument, value in available.items() if argument in takes}
+        return optimizer_class(parameters, **arguments, **automatic)
+
+    try:
+        return build(model.parameters(), arguments, model.buffers())
     except (ValueError, TypeError) as error:
-        raise UserError(f"optimizer {name!r}: {error}") from None
+        reason = " ".join(str(error).split())
+        # Trial builds over one throwaway tensor find the argument the class refuses.
+        culprit = find_refused_argument(
+            lambda trial: build([torch.zeros(1, requires_grad=True)], trial, []), arguments
+        )
+        if culprit is None:
+            raise UserError(f"optimizer {name!r}: {reason}") from None
+        raise InvalidArgument(culprit, f"optimizer {name!r} refuses argument {culprit}: {reason}") from None
 
 
 def _optimizer_class(name: str) -> type[torch.optim.Optimizer]:

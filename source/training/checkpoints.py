@@ -1,19 +1,39 @@
-"""Checkpoint files written atomically, and the random-generator states a resume restores."""
+"""Checkpoint files written atomically and checked when read, and the random-generator states a resume restores.
+
+Every save keeps the file it replaces as ``<name>.previous.pt`` (last.pt → last.previous.pt,
+best.pt → best.previous.pt), so a resume can fall back to it when the newer file is damaged,
+and refuses a model state holding a non-finite value: no checkpoint ever carries a diverged
+model. Reading never runs code (``torch.load(weights_only=True)``), and a file that cannot be
+read gives one short ``UserError`` line.
+"""
 
 import os
+import pickle
 import random
+import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from source.errors import UserError
+
 __all__ = [
     "capture_random_state",
     "load_checkpoint",
+    "non_finite_entry",
+    "previous_path",
+    "read_checkpoint",
+    "remove_partial_files",
     "restore_random_state",
     "save_atomically",
+    "save_checkpoint",
     "write_text_atomically",
 ]
+
+PARTIAL_SUFFIX = ".partial"
+_LONGEST_DETAIL = 100
 
 
 def _replace_atomically(path, write):
@@ -22,7 +42,7 @@ def _replace_atomically(path, write):
     A crash leaves either the old file or the new one, never a half-written one.
     """
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}{PARTIAL_SUFFIX}")
     try:
         with open(temporary, "wb") as file:
             write(file)
@@ -44,9 +64,86 @@ def write_text_atomically(text, path):
     _replace_atomically(path, lambda file: file.write(text.encode("utf-8")))
 
 
+def remove_partial_files(folder):
+    """Delete the temporary files of writes that a killed process left in ``folder``; return their paths."""
+    stale = [path for path in Path(folder).glob(f".*{PARTIAL_SUFFIX}") if path.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def previous_path(path):
+    """Where ``save_checkpoint`` keeps the file it replaced: last.pt → last.previous.pt."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.previous{path.suffix}")
+
+
+def non_finite_entry(model_state):
+    """The name of the first floating-point tensor in ``model_state`` holding NaN or ±inf, or None."""
+    for name, tensor in model_state.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            return name
+    return None
+
+
+def save_checkpoint(state, path):
+    """Save ``state`` (whose "model" entry is a model's state dict) to ``path``, keeping the old file.
+
+    The file ``path`` held before is renamed to ``previous_path(path)`` first; a kill between the
+    two steps leaves only the previous file, which a resume falls back to. Raises ``ValueError``
+    (and writes nothing) when a model parameter or buffer is not finite.
+    """
+    name = non_finite_entry(state["model"])
+    if name is not None:
+        raise ValueError(f"the model's {name} is not finite")
+    path = Path(path)
+    if path.exists():
+        os.replace(path, previous_path(path))
+    save_atomically(state, path)
+
+
 def load_checkpoint(path):
-    """Read a checkpoint written by ``save_atomically`` onto the CPU (tensors and plain values only)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Read a checkpoint written by ``save_atomically`` onto the CPU (tensors and plain values only).
+
+    ``weights_only=True`` unpickles tensors and plain containers only, so a crafted file cannot
+    run code when it is read.
+    """
+    with warnings.catch_warnings():
+        # torch warns about the pickle protocol of foreign files; the caller reports the problem.
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _read_problem(error):
+    """A short description of why ``torch.load`` failed."""
+    if isinstance(error, FileNotFoundError):
+        return "it does not exist"
+    if isinstance(error, IsADirectoryError):
+        return "it is a folder, not a file"
+    if isinstance(error, PermissionError):
+        return "permission denied"
+    if isinstance(error, pickle.UnpicklingError) and "weights only" in str(error).lower():
+        return "it holds objects other than tensors and plain values, and reading it could run code"
+    # Text and other foreign bytes fail inside the unpickler in many ways (a text file: IndexError).
+    if isinstance(error, (EOFError, RuntimeError, zipfile.BadZipFile, pickle.UnpicklingError, KeyError, ValueError,
+                          IndexError, TypeError)):
+        return "it is truncated or not a PyTorch checkpoint"
+    detail = " ".join(str(error).split())[:_LONGEST_DETAIL]
+    return f"{type(error).__name__}: {detail}" if detail else type(error).__name__
+
+
+def read_checkpoint(path, required=()):
+    """``load_checkpoint(path)``, which must give a dict holding the ``required`` keys; ``UserError`` otherwise."""
+    try:
+        checkpoint = load_checkpoint(path)
+    except Exception as error:  # any unreadable file is the user's to replace or remove
+        raise UserError(f"cannot read the checkpoint {path}: {_read_problem(error)}") from None
+    if not isinstance(checkpoint, dict):
+        raise UserError(f"cannot read the checkpoint {path}: it holds a {type(checkpoint).__name__}, not a checkpoint")
+    missing = [key for key in required if key not in checkpoint]
+    if missing:
+        raise UserError(f"cannot use the checkpoint {path}: it lacks {', '.join(missing[:4])}, so it is damaged")
+    return checkpoint
 
 
 def capture_random_state():

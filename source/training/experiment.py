@@ -108,7 +108,9 @@ def build_experiment(configuration):
         )
     schedule_section = configuration["schedule"]
     with configuration.blame("schedule"):
-        schedule = build_schedule(schedule_section["name"], optimizer, dict(schedule_section["arguments"]))
+        schedule = build_schedule(
+            schedule_section["name"], optimizer, dict(schedule_section["arguments"]), training["training_steps"]
+        )
     evaluate_every_steps = training["evaluate_every_steps"]
     return Experiment(
         configuration=configuration,

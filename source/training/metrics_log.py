@@ -1,14 +1,16 @@
 """The run's metric records: a JSON-lines file for plots and scripts, and TensorBoard scalars.
 
 Each line of the metrics file is one record: {"step": int, "split": "training" | "validation" |
-"test", then the metric names and values}. Training records carry loss, accuracy (or rmse),
-learning_rate, training_batch_size, forward_passes and backward_passes (totals since step 0) and
-a line search's own numbers (step_size, measurements, ...); validation records loss, accuracy (or rmse), epoch and elapsed_seconds; the test
-record loss, accuracy (or rmse), best_step (the step of the checkpoint it evaluated),
-elapsed_seconds and the passes. The metric values go to TensorBoard as "<split>/<metric>" (e.g.
-validation/accuracy). Event records ({"step", "split": "event", "event": name, ...}) are a line
-search's measurements and failures; their numbers go to TensorBoard as "<event>/<key>" (e.g.
-measurement/learning_rate) and a failure's reason as text.
+"test" | "event" | "diverged", then the metric names and values}. Training records carry loss,
+accuracy (or rmse), learning_rate, training_batch_size, forward_passes and backward_passes (totals
+since step 0) and a line search's own numbers (step_size, measurements, ...); validation records
+loss, accuracy (or rmse), epoch and elapsed_seconds; the test record loss, accuracy (or rmse),
+best_step (the step of the checkpoint it evaluated), elapsed_seconds and the passes. The metric
+values go to TensorBoard as "<split>/<metric>" (e.g. validation/accuracy). Event records
+({"step", "split": "event", "event": name, ...}) are a line search's measurements and failures;
+their numbers go to TensorBoard as "<event>/<key>" (e.g. measurement/learning_rate) and a
+failure's reason as text. A run that diverged ends with one "diverged" record: the reason and the
+step it stopped at.
 """
 
 import json

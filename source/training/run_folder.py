@@ -1,19 +1,21 @@
 """The run folder ``<runs_folder>/<experiment name>/`` and the rules for starting or resuming in it.
 
 A new run never reuses a folder: if it exists, the run stops with a message to pass --resume
-or to choose another experiment name. A resumed run must have the configuration the folder was
-started with, except for keys that do not change the experiment's results (see ``RESUMABLE``).
+or to choose another experiment name. A resumed run continues with the configuration the folder
+was started with (its configuration.txt); only keys that do not change the experiment's results
+(see ``RESUMABLE``) may be changed, and only with --set (see ``configuration_to_resume``).
 """
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from source.configuration import differing_keys, format_configuration, key_label, load_configuration
+from source.configuration import Configuration, differing_keys, format_configuration, key_label, load_configuration
 from source.errors import UserError
 from source.training.checkpoints import write_text_atomically
 
-__all__ = ["RESUMABLE", "RunFolder"]
+__all__ = ["LOCATION", "RESUMABLE", "RunFolder", "check_writable_folder", "configuration_to_resume"]
 
 RESUMABLE = {
     ("experiment", "device"),
@@ -31,6 +33,132 @@ RESUMABLE = {
     ("logging", "plots_folder"),
 }
 """(section, key) pairs a resumed run may change: where and how it runs, how long, what it logs."""
+
+LOCATION = (("experiment", "runs_folder"), ("experiment", "name"))
+"""The keys that find a run folder: a resumed run takes them from where it was found, not from its
+configuration.txt, so that a moved or renamed run folder resumes where it is now."""
+
+_NAME_MAX = 255
+"""Longest file name on common file systems, in bytes, where ``os.pathconf`` cannot tell."""
+
+
+def check_writable_folder(path):
+    """Raise ``UserError`` unless the folder ``path`` exists and is writable, or can be created.
+
+    Checked before training, so that a path through a file, an unwritable parent or an overlong
+    name is found before hours of work rather than at the first write.
+    """
+    path = Path(path)
+    existing = path
+    while not _exists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{path}: {existing} is a file, not a folder")
+    name_max = _NAME_MAX
+    try:
+        name_max = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        pass
+    missing = path.relative_to(existing).parts if existing != path else ()
+    for name in missing:
+        if len(os.fsencode(name)) > name_max:
+            raise UserError(f"{path}: the name {name[:20]}... is longer than the {name_max} bytes a file name may have")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{path}: the folder {existing} is not writable")
+
+
+def _exists(path):
+    """Whether ``path`` exists; an overlong name does not (``Path.exists`` raises for it)."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
+def configuration_to_resume(configuration):
+    """The configuration to resume the run that ``configuration`` names, and a note on what it ignored.
+
+    The run folder is <runs_folder>/<experiment name> of ``configuration`` (its file and --set
+    options); the run continues with the configuration stored there. A value given with --set
+    replaces the stored one if its key is ``RESUMABLE``; a --set of any other key that differs
+    from the stored value raises ``UserError``. Differences that come from the file are ignored and
+    listed in the note ("ignoring changes in FILE: training.training_steps 3000 (saved: 300)"),
+    which is None when there are none. Without a stored configuration ``configuration`` is
+    returned as it is, for ``RunFolder.check_can_start`` to explain.
+    """
+    folder = RunFolder.of(configuration)
+    with configuration.blame("experiment", "runs_folder"):
+        check_writable_folder(folder.path)
+    if not folder.configuration_path.is_file():
+        return configuration, None
+    stored = load_configuration(folder.configuration_path)
+    if stored.is_comparison:
+        raise UserError(
+            f"cannot resume {folder.path} as a run: it is a comparison; resume it with "
+            f"--config {folder.configuration_path} --resume"
+        )
+    sections = {name: _copy(section) for name, section in stored.sections.items()}
+    overrides, ignored = {}, []
+    for path in differing_keys(stored, configuration):
+        value, saved = _value_at(configuration.sections, path), _value_at(stored.sections, path)
+        if path in LOCATION:
+            _set_value(sections, path, value)
+        elif path in configuration.overrides:
+            given = configuration.overrides[path]
+            if path not in RESUMABLE:
+                allowed = ", ".join(".".join(key) for key in sorted(RESUMABLE))
+                raise UserError(
+                    f"{given}: {key_label(path[:-1], path[-1])} cannot change when resuming {folder.path} "
+                    f"(saved: {_shown(saved)}); a resumed run may change only {allowed}; "
+                    "start a new run under another name with --set experiment.name=NAME"
+                )
+            _set_value(sections, path, value)
+            overrides[path] = given
+        else:
+            ignored.append(f"{'.'.join(path)} {_shown(value)} (saved: {_shown(saved)})")
+    note = None
+    if ignored:
+        note = (
+            f"ignoring changes in {configuration.source}: {', '.join(ignored)}; a resumed run keeps its "
+            f"{folder.configuration_path}"
+        )
+    return Configuration(sections=sections, source=str(folder.configuration_path), overrides=overrides), note
+
+
+_MISSING = object()
+"""The value of a key that one of two configurations lacks (an optimizer argument given in only one)."""
+
+
+def _copy(section):
+    return {key: _copy(value) for key, value in section.items()} if isinstance(section, dict) else section
+
+
+def _value_at(sections, path):
+    for name in path:
+        if not isinstance(sections, dict) or name not in sections:
+            return _MISSING
+        sections = sections[name]
+    return sections
+
+
+def _set_value(sections, path, value):
+    for name in path[:-1]:
+        sections = sections.setdefault(name, {})
+    if value is _MISSING:
+        sections.pop(path[-1], None)
+    else:
+        sections[path[-1]] = value
+
+
+def _shown(value):
+    """A value as it is written in a configuration file (lists comma-separated)."""
+    if value is _MISSING:
+        return "not set"
+    if isinstance(value, list):
+        return ", ".join(map(str, value)) + ("," if len(value) == 1 else "")
+    if isinstance(value, str) and not value.strip():
+        return repr(value)
+    return str(value)
 
 
 @dataclass(frozen=True)
@@ -71,6 +199,8 @@ class RunFolder:
 
     def check_can_start(self, configuration, resume):
         """Raise ``UserError`` unless a new run may start here (or, with ``resume``, continue here)."""
+        with configuration.blame("experiment", "runs_folder"):
+            check_writable_folder(self.path)
         if not resume:
             if self.path.exists():
                 raise UserError(
@@ -84,7 +214,9 @@ class RunFolder:
             raise UserError(f"cannot resume {self.path}: it does not exist; start the run without --resume")
         stored = load_configuration(self.configuration_path)
         changed = [
-            key_label(path[:-1], path[-1]) for path in differing_keys(stored, configuration) if path not in RESUMABLE
+            key_label(path[:-1], path[-1])
+            for path in differing_keys(stored, configuration)
+            if path not in RESUMABLE and path not in LOCATION
         ]
         if changed:
             raise UserError(
@@ -94,7 +226,10 @@ class RunFolder:
 
     def create(self):
         """Make the folder (and its parents) for a new run."""
-        self.path.mkdir(parents=True, exist_ok=False)
+        try:
+            self.path.mkdir(parents=True, exist_ok=False)
+        except OSError as error:
+            raise UserError(f"cannot create the run folder {self.path}: {error.strerror or error}") from None
 
     def remove(self):
         """Delete the folder and everything in it (a new run that failed before its first step)."""

@@ -1,19 +1,178 @@
-"""Start or resume one run: check its folder, build the experiment, train, and clean up on failure."""
+"""Start or resume one run: check its folder and checkpoints, build the experiment, train, and clean up on failure.
+
+A resume checks last.pt against the experiment before anything in the folder changes: it must be
+readable, complete, hold this model's weights (all finite) and this optimizer's state. A damaged
+last.pt gives way to last.previous.pt, the checkpoint it replaced, with a message. The best
+checkpoint last.pt names must be there too: best.pt, best.previous.pt (when a kill or damage left
+best.pt newer than last.pt), or, when the best is last.pt's own step, rebuilt from last.pt.
+"""
+
+import torch
 
 from source.errors import UserError
-from source.training.checkpoints import load_checkpoint
+from source.training.checkpoints import (
+    non_finite_entry,
+    previous_path,
+    read_checkpoint,
+    remove_partial_files,
+    save_atomically,
+)
 from source.training.experiment import build_experiment
 from source.training.run_folder import RunFolder
-from source.training.trainer import Trainer, say
+from source.training.trainer import BEST_KEYS, RunOutcome, Trainer, say
 
-__all__ = ["run_experiment"]
+__all__ = ["LAST_KEYS", "run_experiment"]
+
+LAST_KEYS = (
+    "step",
+    "model",
+    "optimizer",
+    "schedule",
+    "random_state",
+    "best",
+    "training_window",
+    "evaluation_interval",
+    "metrics_offset",
+    "elapsed_seconds",
+    "finished",
+    "test",
+)
+"""What last.pt holds (besides the divergence counters and mark, which older checkpoints lack)."""
 
 
-def _read_checkpoint(path):
-    try:
-        return load_checkpoint(path)
-    except Exception as error:  # any unreadable file is the user's to replace or remove
-        raise UserError(f"cannot read the checkpoint {path}: {error}") from None
+def _refuse(path, problem):
+    raise UserError(f"cannot use the checkpoint {path}: {problem}")
+
+
+def _check_model_state(state, model, path):
+    """``UserError`` unless ``state`` holds finite weights of exactly ``model``'s names and shapes."""
+    if not isinstance(state, dict):
+        _refuse(path, "its model entry is not a state dict")
+    expected = model.state_dict()
+    missing = [name for name in expected if name not in state]
+    unexpected = [name for name in state if name not in expected]
+    reshaped = [
+        name
+        for name in expected
+        if name in state and (not isinstance(state[name], torch.Tensor) or state[name].shape != expected[name].shape)
+    ]
+    if missing or unexpected or reshaped:
+        example = (missing or unexpected or reshaped)[0][:60]
+        _refuse(
+            path,
+            f"it holds another model's weights ({len(missing)} missing, {len(unexpected)} unexpected, "
+            f"{len(reshaped)} of another shape, e.g. {example})",
+        )
+    name = non_finite_entry(state)
+    if name is not None:
+        _refuse(path, f"its {name[:60]} is not finite (NaN or inf); remove the file to start the run again")
+
+
+def _check_optimizer_state(state, optimizer, path):
+    """``UserError`` unless ``state`` is a state dict of this optimizer over these parameters."""
+    if not isinstance(state, dict) or not isinstance(state.get("param_groups"), list) or "state" not in state:
+        _refuse(path, "its optimizer entry is not an optimizer's state dict")
+    fresh = optimizer.state_dict()["param_groups"]
+    groups = state["param_groups"]
+    if len(groups) != len(fresh) or any(
+        not isinstance(group, dict) or len(group.get("params", ())) != len(own["params"])
+        for group, own in zip(groups, fresh)
+    ):
+        _refuse(path, "its optimizer state is for other parameters")
+    unexpected = sorted({key for group in groups for key in group} - {key for own in fresh for key in own})
+    if unexpected:
+        _refuse(path, f"it holds another optimizer's state (settings {', '.join(unexpected[:3])})")
+
+
+def _check_last(path, experiment):
+    """last.pt (or last.previous.pt) read and checked against ``experiment``; ``UserError`` when it does not fit."""
+    checkpoint = read_checkpoint(path, LAST_KEYS)
+    if not isinstance(checkpoint["step"], int) or checkpoint["step"] < 0:
+        _refuse(path, f"its step {checkpoint['step']!r} is not a step count")
+    _check_model_state(checkpoint["model"], experiment.model, path)
+    _check_optimizer_state(checkpoint["optimizer"], experiment.optimizer, path)
+    best = checkpoint["best"]
+    if best is not None and not (isinstance(best, dict) and isinstance(best.get("step"), int) and "validation" in best):
+        _refuse(path, "its record of the best checkpoint is damaged")
+    return checkpoint
+
+
+def _last_checkpoint(folder, experiment, repairs):
+    """The checkpoint to resume from (None: none yet), falling back to last.previous.pt with a message.
+
+    Files to rewrite are appended to ``repairs`` as (state, path), for when every check passed.
+    """
+    last = folder.last_checkpoint_path
+    previous = previous_path(last)
+    problem = None
+    for path in (last, previous):
+        if not path.exists():
+            continue
+        try:
+            checkpoint = _check_last(path, experiment)
+        except UserError as error:
+            problem = problem or error
+            continue
+        if path == previous:
+            why = str(problem) if problem else f"{last} is missing"
+            say(f"{why}; falling back to {previous}, of step {checkpoint['step']}")
+            repairs.append((checkpoint, last))
+        return checkpoint
+    if problem is not None:
+        raise problem
+    return None
+
+
+def _check_best(folder, checkpoint, model, repairs):
+    """Make sure best.pt holds the best checkpoint ``checkpoint`` names; ``UserError`` when it is lost.
+
+    A best.pt of a later step than the best ``checkpoint`` knows (written after it, before a kill
+    or damaged last.pt) is replaced by best.previous.pt, or rebuilt from ``checkpoint`` when the
+    best is its own step, so the test never uses weights beyond the resumed run.
+    """
+    best = checkpoint["best"]
+    if best is None:
+        return
+    wanted = best["step"]
+    path = folder.best_checkpoint_path
+    problem = None
+    for candidate_path in (path, previous_path(path)):
+        if not candidate_path.exists():
+            continue
+        try:
+            candidate = read_checkpoint(candidate_path, BEST_KEYS)
+            _check_model_state(candidate["model"], model, candidate_path)
+        except UserError as error:
+            problem = problem or error
+            continue
+        if candidate["step"] == wanted:
+            if candidate_path != path:
+                say(f"{path} is not the best checkpoint of step {wanted}; restoring it from {candidate_path}")
+                repairs.append((candidate, path))
+            return
+    if checkpoint["step"] == wanted:
+        # Killed between the last.pt and best.pt writes: the best weights are last.pt's own.
+        say(f"{path} is not the best checkpoint of step {wanted}; rebuilding it from the last checkpoint")
+        repairs.append(({"step": wanted, "model": checkpoint["model"], "validation": best["validation"]}, path))
+        return
+    if problem is not None:
+        raise problem
+    found = "does not exist" if not path.exists() else "holds another step"
+    raise UserError(
+        f"cannot resume {folder.path}: its best checkpoint (step {wanted}) is lost: {path} {found}; "
+        "start the run again under another name"
+    )
+
+
+def _diverged_outcome(checkpoint):
+    return RunOutcome(
+        step=checkpoint["step"],
+        finished=False,
+        test=None,
+        best_step=checkpoint["best"]["step"] if checkpoint["best"] else None,
+        best_validation=checkpoint["best"]["validation"] if checkpoint["best"] else None,
+        diverged=checkpoint["diverged"]["reason"],
+    )
 
 
 def run_experiment(configuration, *, resume=False, stop_after_steps=None):
@@ -21,21 +180,33 @@ def run_experiment(configuration, *, resume=False, stop_after_steps=None):
 
     Everything is validated and built before a new run folder is created, and a new run that
     fails before its first step removes its folder again. With ``resume`` the run continues from
-    its last checkpoint (or from step 0 if it has none yet). ``stop_after_steps`` stops after that
-    many steps, saving a checkpoint as if the run had been interrupted.
+    its last checkpoint (or from step 0 if it has none yet); the checkpoints are checked first, and
+    temporary files of writes a kill interrupted are removed. A run that diverged already is not
+    trained again. ``stop_after_steps`` stops after that many steps, saving a checkpoint as if the
+    run had been interrupted.
     """
     folder = RunFolder.of(configuration)
     folder.check_can_start(configuration, resume)
     experiment = build_experiment(configuration)
-    checkpoint = None
-    if resume and folder.last_checkpoint_path.exists():
-        checkpoint = _read_checkpoint(folder.last_checkpoint_path)
+    checkpoint, repairs = None, []
+    if resume:
+        checkpoint = _last_checkpoint(folder, experiment, repairs)
+    if checkpoint is not None:
         total = configuration["training"]["training_steps"]
         if checkpoint["step"] > total:
             raise UserError(
                 f"{configuration.where('training', 'training_steps')}: {total} is less than the "
                 f"{checkpoint['step']} steps {folder.path} has run already"
             )
+        _check_best(folder, checkpoint, experiment.model, repairs)
+    if resume:
+        remove_partial_files(folder.path)
+    for state, path in repairs:
+        save_atomically(state, path)
+    if checkpoint is not None:
+        if checkpoint.get("diverged"):
+            say(f"{folder.path} diverged already; nothing to train")
+            return _diverged_outcome(checkpoint)
         say(f"resuming {folder.path} from step {checkpoint['step']}")
     elif resume:
         say(f"{folder.path} has no checkpoint yet: starting it again from step 0")
@@ -43,8 +214,8 @@ def run_experiment(configuration, *, resume=False, stop_after_steps=None):
         folder.create()
     trainer = None
     try:
-        folder.write_configuration(configuration)
         trainer = Trainer(experiment, folder, checkpoint, resume=resume)
+        folder.write_configuration(configuration)
         outcome = trainer.train(stop_after_steps)
     except BaseException:
         if trainer is not None:

@@ -4,11 +4,14 @@ All step counts in a schedule's arguments are training steps (inference batches)
 paper: its SGD baseline is MultiStepLR with milestones 75000, 112500 and gamma 0.1.
 """
 
+import copy
 import inspect
+import math
 
+import torch
 from torch.optim import lr_scheduler
 
-from source.configuration.checks import did_you_mean
+from source.configuration.checks import InvalidArgument, check_argument_types, did_you_mean, find_refused_argument
 from source.errors import UserError
 from source.optimizer import LineSearch
 
@@ -43,11 +46,42 @@ def _accepted_arguments(schedule_class):
     return {name: parameter for name, parameter in parameters.items() if name not in ("self", "optimizer")}
 
 
-def build_schedule(name, optimizer, arguments):
+def _rehearse(schedule_class, optimizer, arguments, training_steps):
+    """Build the schedule on a throwaway SGD with ``optimizer``'s settings and step it ``training_steps`` times.
+
+    Returns the training step (0: construction) at which it failed and the exception, or None.
+    The trainer steps the schedule once after every training step, so arguments that the class
+    accepts but cannot run with (OneCycleLR's total_steps too short, CosineAnnealingLR's T_max = 0)
+    fail here, before training, instead of at that step of the run.
+    """
+    groups = [
+        {**copy.deepcopy({key: value for key, value in group.items() if key != "params"}), "params": [torch.zeros(1)]}
+        for group in optimizer.param_groups
+    ]
+    stand_in = torch.optim.SGD(groups)
+    step = 0
+    try:
+        schedule = schedule_class(stand_in, **arguments)
+        # An optimizer step before the first schedule step, as in training (torch warns otherwise).
+        stand_in.step()
+        for step in range(1, training_steps + 1):
+            schedule.step()
+            for rate in schedule.get_last_lr():
+                rate = float(rate)
+                if not math.isfinite(rate) or rate < 0:
+                    raise ValueError(f"it gives the learning rate {rate:g}")
+    except Exception as error:  # noqa: BLE001 — whatever the class raises, its arguments caused it
+        return step, error
+    return None
+
+
+def build_schedule(name, optimizer, arguments, training_steps):
     """Build schedule ``name`` for ``optimizer`` with ``arguments``; None for "none".
 
-    Unknown or missing arguments and values the class rejects raise ``UserError`` listing what it
-    accepts. A line search such as LABPAL sets its own learning rate and takes no schedule.
+    Unknown, missing or mistyped arguments, values the class rejects, and schedules that fail
+    within ``training_steps`` steps raise ``UserError`` (an ``InvalidArgument`` where one argument
+    is to blame) saying what the class accepts. A line search such as LABPAL sets its own learning
+    rate and takes no schedule.
     """
     if name == NO_SCHEDULE:
         if arguments:
@@ -62,8 +96,9 @@ def build_schedule(name, optimizer, arguments):
     listing = ", ".join(accepted)
     for argument in arguments:
         if argument not in accepted:
-            raise UserError(
-                f"{name} takes no argument {argument}{did_you_mean(argument, accepted)}; it accepts: {listing}"
+            raise InvalidArgument(
+                argument,
+                f"{name} takes no argument {argument}{did_you_mean(argument, accepted)}; it accepts: {listing}",
             )
     missing = [
         argument
@@ -75,6 +110,21 @@ def build_schedule(name, optimizer, arguments):
     if missing:
         raise UserError(f"{name} needs {', '.join(missing)}; it accepts: {listing}")
     try:
-        return schedule_class(optimizer, **arguments)
-    except (TypeError, ValueError) as error:
-        raise UserError(f"{name} rejects its arguments: {error}") from None
+        check_argument_types(schedule_class.__init__, arguments)
+    except InvalidArgument as error:
+        raise InvalidArgument(error.argument, f"{error} ({name})") from None
+    failure = _rehearse(schedule_class, optimizer, arguments, training_steps)
+    if failure is not None:
+        step, error = failure
+        when = "rejects its arguments" if step == 0 else f"fails at training step {step} of {training_steps}"
+        reason = " ".join(str(error).split()) or type(error).__name__
+
+        def rehearse(trial):
+            if _rehearse(schedule_class, optimizer, trial, training_steps) is not None:
+                raise ValueError(trial)
+
+        culprit = find_refused_argument(rehearse, arguments)
+        if culprit is not None:
+            raise InvalidArgument(culprit, f"{name} {when} because of argument {culprit}: {reason}")
+        raise UserError(f"{name} {when}: {reason}")
+    return schedule_class(optimizer, **arguments)

@@ -13,6 +13,12 @@ reads the training outputs from ``closure.outputs``, their numbers from ``log_va
 intervals and their measurements and failures from ``take_events()`` after every step. Plain
 torch.optim optimizers get zero_grad, forward, backward, step, and then the schedule steps once
 per training step; they make one forward and one backward pass per step.
+
+A run diverges when its training loss is not finite (or, with ``divergence_loss_factor``, above
+that factor times the first logged training loss) for ``divergence_steps`` consecutive steps; it
+then stops with a "diverged" record in metrics.jsonl, keeps its last good checkpoint and is not
+tested. No checkpoint ever holds a non-finite parameter or buffer, and a non-finite validation
+result never becomes the best checkpoint.
 """
 
 import contextlib
@@ -23,27 +29,121 @@ import threading
 import time
 from dataclasses import dataclass
 
+import torch
 from tqdm import tqdm
 
+from source.errors import UserError
 from source.optimizer import make_batch_closure
-from source.training.checkpoints import capture_random_state, load_checkpoint, restore_random_state, save_atomically
+from source.training.checkpoints import (
+    capture_random_state,
+    non_finite_entry,
+    read_checkpoint,
+    restore_random_state,
+    save_checkpoint,
+)
 from source.training.data_order import evaluation_loader, training_loader
 from source.training.evaluation import RunningMetrics, evaluate, quality_metric
 from source.training.losses import with_reduction
 from source.training.metrics_log import MetricsLog
 
-__all__ = ["RunOutcome", "Trainer"]
+__all__ = ["BEST_KEYS", "Aborted", "DivergenceWatch", "RunOutcome", "Trainer"]
+
+BEST_KEYS = ("step", "model", "validation")
+"""What best.pt holds."""
 
 
 @dataclass(frozen=True)
 class RunOutcome:
-    """How a run ended: at which step, whether it finished, and its test result."""
+    """How a run ended: at which step, whether it finished, its test result, and why it stopped early.
+
+    ``diverged`` is the message of a run that diverged; ``stopped_by_signal`` the number of the
+    signal (SIGINT, SIGTERM) that stopped an unfinished run.
+    """
 
     step: int
     finished: bool
     test: dict | None
     best_step: int | None
     best_validation: dict | None
+    diverged: str | None = None
+    stopped_by_signal: int | None = None
+
+
+class Aborted(KeyboardInterrupt):
+    """A second SIGINT or SIGTERM: stop at once, without saving; exit status 128 + the signal number."""
+
+    def __init__(self, signal_number):
+        super().__init__(f"aborted by signal {signal_number}")
+        self.signal_number = signal_number
+
+
+class DivergenceWatch:
+    """Counts, on the device, the consecutive training steps whose loss is not finite or blew up.
+
+    ``add`` never waits for the device (no ``.item()``): the streak, the step at which it first
+    reached ``steps`` and the loss there are 0-dim tensors updated with ``torch.where``. The
+    trainer reads them with ``diverged_step`` at log intervals and evaluations, where it
+    synchronises anyway. The step is latched, so a streak that ends between two checks is still
+    caught. ``loss_factor`` (None: off) also counts a loss above that factor times the first logged
+    training loss (``set_reference``).
+    """
+
+    def __init__(self, steps, loss_factor, device):
+        self.steps = steps
+        self.loss_factor = loss_factor
+        self.reference_loss = None
+        self.streak = torch.zeros((), dtype=torch.int64, device=device)
+        self.diverged_at = torch.zeros((), dtype=torch.int64, device=device)
+        self.loss_at = torch.zeros((), dtype=torch.float64, device=device)
+
+    def set_reference(self, loss):
+        """Take the first logged training loss (a float) as the reference of the blow-up test."""
+        if self.loss_factor is not None and self.reference_loss is None and math.isfinite(loss) and loss > 0:
+            self.reference_loss = loss
+
+    def add(self, loss, step):
+        """Count training step ``step`` (from 1) with mean loss ``loss`` (a tensor), on its device."""
+        loss = loss.detach().to(self.streak.device, torch.float64)
+        bad = ~torch.isfinite(loss)
+        if self.reference_loss is not None:
+            bad = bad | (loss > self.loss_factor * self.reference_loss)
+        self.streak = torch.where(bad, self.streak + 1, 0)
+        first = (self.streak == self.steps) & (self.diverged_at == 0)
+        self.diverged_at = torch.where(first, step, self.diverged_at)
+        self.loss_at = torch.where(first, loss, self.loss_at)
+
+    def diverged_step(self):
+        """The step at which the run diverged, or None (reads the device)."""
+        step = int(self.diverged_at.item())
+        return step or None
+
+    def reason(self, step):
+        """Why the run counts as diverged at ``step``, in words."""
+        loss = self.loss_at.item()
+        steps = f"{self.steps} consecutive steps ({step - self.steps + 1}-{step})"
+        if not math.isfinite(loss):
+            return f"the training loss was not finite for {steps}, {loss} at the last"
+        return (
+            f"the training loss was above {self.loss_factor:g} × its first logged value "
+            f"{self.reference_loss:.4g} for {steps}, {loss:.4g} at the last"
+        )
+
+    def state_dict(self):
+        """The counters, for a checkpoint."""
+        return {
+            "streak": self.streak,
+            "diverged_at": self.diverged_at,
+            "loss_at": self.loss_at,
+            "reference_loss": self.reference_loss,
+        }
+
+    def load_state_dict(self, state):
+        """Continue counting from ``state_dict``'s counters."""
+        device = self.streak.device
+        self.streak = state["streak"].to(device)
+        self.diverged_at = state["diverged_at"].to(device)
+        self.loss_at = state["loss_at"].to(device)
+        self.reference_loss = state["reference_loss"]
 
 
 def say(message):
@@ -58,9 +158,10 @@ def _format_metrics(metrics):
 class Trainer:
     """Trains one experiment in its run folder, from step 0 or from a checkpoint's state.
 
-    ``checkpoint`` is the content of last.pt to continue from. ``resume`` continues the folder's
-    metrics file and event files (after the checkpoint's step; from step 0 without a checkpoint)
-    instead of starting them.
+    ``checkpoint`` is the content of last.pt to continue from (checked by the runner; a state
+    that still does not fit raises ``UserError`` before any file is touched). ``resume`` continues
+    the folder's metrics file and event files (after the checkpoint's step; from step 0 without a
+    checkpoint) instead of starting them.
     """
 
     def __init__(self, experiment, run_folder, checkpoint=None, *, resume=False):
@@ -92,10 +193,16 @@ class Trainer:
         self.test = None
         self.elapsed_before = 0.0
         self.stop_requested = False
+        self.stop_signal = None
+        self.diverged = None
+        loss_factor = self.training["divergence_loss_factor"]
+        self.divergence = DivergenceWatch(self.training["divergence_steps"], loss_factor or None, device)
         self._checkpointed_step = None
         resume_offset, resume_step = 0, (0 if resume else None)
         if checkpoint is not None:
             resume_offset, resume_step = checkpoint["metrics_offset"], checkpoint["step"]
+            # Before the metrics file is cut to the checkpoint's offset, so a misfit changes nothing.
+            self._restore(checkpoint, run_folder.last_checkpoint_path)
         self.log = MetricsLog(
             run_folder.path,
             run_folder.metrics_path,
@@ -103,8 +210,6 @@ class Trainer:
             resume_offset=resume_offset,
             resume_step=resume_step,
         )
-        if checkpoint is not None:
-            self._restore(checkpoint)
         self._session_start = time.perf_counter()
 
     # ------------------------------------------------------------------ the loop
@@ -113,7 +218,8 @@ class Trainer:
         """Train to ``training_steps`` (or ``stop_after_steps`` more steps), then test; return the outcome.
 
         Stopping early (``stop_after_steps``, Ctrl-C or SIGTERM) saves the last checkpoint at the
-        step reached, so --resume continues exactly there.
+        step reached, so --resume continues exactly there. A run that diverges stops at the next
+        log interval or evaluation, keeping its last good checkpoint.
         """
         total = self.training["training_steps"]
         if self.finished and self.step == total:
@@ -125,25 +231,32 @@ class Trainer:
         batch_size = self.training["batch_size"]
         self.experiment.model.train()
         with self._progress_bar(total) as bar, self._stop_on_signals():
-            while self.step < stop_at and not self.stop_requested:
+            while self.step < stop_at and not self._stopping():
                 epoch, batch_in_epoch = divmod(self.step, steps_per_epoch)
                 self.sampler.set_position(epoch, batch_in_epoch * batch_size)
                 for inputs, targets in self.training_loader:
                     self._train_step(inputs, targets, bar)
-                    if self.step >= stop_at or self.stop_requested:
+                    if self.step >= stop_at or self._stopping():
                         break
-        if self.step < total:
-            if self._checkpointed_step != self.step:
-                self._save_last_checkpoint()
-            say(f"stopped at step {self.step} of {total}; continue with --resume")
-        else:
-            self._test_best_checkpoint()
+        # The steps since the last log interval or evaluation may have diverged too.
+        if self.diverged is None and not self._check_divergence():
+            if self.step < total:
+                if self._checkpointed_step == self.step or self._save_last_checkpoint():
+                    say(f"stopped at step {self.step} of {total}; continue with --resume")
+            else:
+                self._test_best_checkpoint()
         self.log.flush()
         return self.outcome()
+
+    def _stopping(self):
+        return self.stop_requested or self.diverged is not None
 
     def _train_step(self, inputs, targets, bar):
         experiment = self.experiment
         log_now = (self.step + 1) % self.logging["log_every_steps"] == 0
+        evaluate_now = (self.step + 1) % experiment.evaluate_every_steps == 0 or (
+            self.step + 1 == self.training["training_steps"]
+        )
         loss, outputs, targets = self._optimize(inputs, targets)
         # What this step used, read before a schedule moves the learning rate on for the next step.
         optimizer_values = self._optimizer_values(self.step + 1) if log_now else None
@@ -153,12 +266,15 @@ class Trainer:
         self.interval.add(loss, outputs, targets)
         self.step += 1
         self.steps_this_session += 1
+        self.divergence.add(loss, self.step)
         bar.update()
         if experiment.is_line_search:
             self._log_events(experiment.optimizer.take_events())
         if log_now:
             self._log_training(optimizer_values, bar)
-        if self.step % experiment.evaluate_every_steps == 0 or self.step == self.training["training_steps"]:
+        if (log_now or evaluate_now) and self._check_divergence():
+            return
+        if evaluate_now:
             self._evaluate_and_checkpoint()
 
     def _optimize(self, inputs, targets):
@@ -203,6 +319,7 @@ class Trainer:
         metrics = self.window.result()
         self.window.reset()
         self.log.write(self.step, "training", {**metrics, **optimizer_values})
+        self.divergence.set_reference(metrics["loss"])
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{optimizer_values['learning_rate']:.3g}", refresh=False)
 
     def _log_events(self, events):
@@ -231,21 +348,26 @@ class Trainer:
             f"lr {learning_rate:.4g} | {elapsed:.1f} s"
         )
         if self._is_better(validation):
-            self.best = {"step": self.step, "validation": validation}
-            save_atomically(
-                {"step": self.step, "model": experiment.model.state_dict(), "validation": validation},
-                self.run_folder.best_checkpoint_path,
-            )
-        self._save_last_checkpoint()
+            previous_best, self.best = self.best, {"step": self.step, "validation": validation}
+            # last.pt first: killed before best.pt is written, a resume rebuilds best.pt from it.
+            if self._save_last_checkpoint():
+                save_checkpoint(
+                    {"step": self.step, "model": experiment.model.state_dict(), "validation": validation},
+                    self.run_folder.best_checkpoint_path,
+                )
+            else:
+                self.best = previous_best
+        else:
+            self._save_last_checkpoint()
         self.log.flush()
 
     def _is_better(self, validation):
-        """Better validation accuracy (lower RMSE); on a tie, lower validation loss."""
+        """Better validation accuracy (lower RMSE); on a tie, lower validation loss. Never a non-finite result."""
+        if not all(math.isfinite(value) for value in validation.values()):
+            return False
         if self.best is None:
             return True
         new, old = validation[self.quality], self.best["validation"][self.quality]
-        if math.isnan(new):
-            return False
         if new != old:
             return (new > old) == self.higher_is_better
         return validation["loss"] < self.best["validation"]["loss"]
@@ -253,8 +375,16 @@ class Trainer:
     def _test_best_checkpoint(self):
         """Evaluate the best validation checkpoint on the test split (the paper's protocol)."""
         experiment = self.experiment
-        best = load_checkpoint(self.run_folder.best_checkpoint_path)
-        experiment.model.load_state_dict(best["model"])
+        if self.best is None:
+            self._stop_diverged(self.step, "no evaluation gave a finite validation loss and metric")
+            return
+        path = self.run_folder.best_checkpoint_path
+        best = read_checkpoint(path, BEST_KEYS)
+        if best["step"] != self.best["step"]:
+            raise UserError(
+                f"cannot use the checkpoint {path}: it holds step {best['step']}, not the best step {self.best['step']}"
+            )
+        load_model_state(experiment.model, best["model"], path)
         self.test = evaluate(
             experiment.model, self.test_loader, experiment.loss_function, self.evaluation, experiment.device
         )
@@ -275,49 +405,101 @@ class Trainer:
             f"(best validation {self.quality} {best['validation'][self.quality]:.4f})"
         )
         # Put the final weights back and record that the run is complete.
-        last = load_checkpoint(self.run_folder.last_checkpoint_path)
-        experiment.model.load_state_dict(last["model"])
+        last = read_checkpoint(self.run_folder.last_checkpoint_path)
+        load_model_state(experiment.model, last["model"], self.run_folder.last_checkpoint_path)
         self.finished = True
         last.update(finished=True, test=self.test, metrics_offset=self.log.offset())
-        save_atomically(last, self.run_folder.last_checkpoint_path)
+        save_checkpoint(last, self.run_folder.last_checkpoint_path)
+
+    # ------------------------------------------------------------------ divergence
+
+    def _check_divergence(self):
+        """Stop the run if the training loss has diverged (reads the device); return whether it has."""
+        step = self.divergence.diverged_step()
+        if step is not None:
+            self._stop_diverged(step, self.divergence.reason(step))
+        return step is not None
+
+    def _advice(self):
+        if self.experiment.is_line_search:
+            return (
+                "make the optimizer's steps smaller (optimizer.arguments, e.g. step_adaptation for lab_pal) "
+                "or check the data for non-finite values"
+            )
+        return (
+            "lower the learning rate (optimizer.arguments.lr), add a warm-up schedule, "
+            "or check the data for non-finite values"
+        )
+
+    def _stop_diverged(self, step, reason):
+        """Record the divergence, keep the last good checkpoint and mark it, so that --resume reports it."""
+        message = f"training diverged at step {step}: {reason}; {self._advice()}"
+        self.diverged = {"step": step, "reason": message}
+        self.log.write(step, "diverged", {}, {"reason": message, "stopped_at_step": self.step})
+        self.log.flush()
+        say(message)
+        path = self.run_folder.last_checkpoint_path
+        if not path.exists():
+            say("no checkpoint was saved before the divergence")
+            return
+        last = read_checkpoint(path)
+        last.update(diverged=self.diverged, metrics_offset=self.log.offset())
+        save_checkpoint(last, path)
+        say(f"the last good checkpoint, of step {last['step']}, is kept in {path}")
 
     # ------------------------------------------------------------------ checkpoints
 
     def _save_last_checkpoint(self):
+        """Save last.pt and return True; a model with a non-finite parameter or buffer is never
+        saved: the run diverged (False)."""
         experiment = self.experiment
+        model_state = experiment.model.state_dict()
+        name = non_finite_entry(model_state)
+        if name is not None:
+            self._stop_diverged(self.step, f"the model's {name} is not finite")
+            return False
         state = {
             "step": self.step,
-            "model": experiment.model.state_dict(),
+            "model": model_state,
             "optimizer": experiment.optimizer.state_dict(),
             "schedule": experiment.schedule.state_dict() if experiment.schedule is not None else None,
             "random_state": capture_random_state(),
             "best": self.best,
             "training_window": self.window.state_dict(),
             "evaluation_interval": self.interval.state_dict(),
+            "divergence": self.divergence.state_dict(),
             "metrics_offset": self.log.offset(),
             "elapsed_seconds": self._elapsed(),
             "finished": self.finished,
             "test": self.test,
         }
-        save_atomically(state, self.run_folder.last_checkpoint_path)
+        save_checkpoint(state, self.run_folder.last_checkpoint_path)
         self._checkpointed_step = self.step
+        return True
 
-    def _restore(self, checkpoint):
+    def _restore(self, checkpoint, path):
+        """Take over the checkpoint's state; ``UserError`` naming ``path`` when it does not fit this run."""
         experiment = self.experiment
-        experiment.model.load_state_dict(checkpoint["model"])
-        experiment.optimizer.load_state_dict(checkpoint["optimizer"])
-        if experiment.schedule is not None:
-            experiment.schedule.load_state_dict(checkpoint["schedule"])
+        load_model_state(experiment.model, checkpoint["model"], path)
+        try:
+            experiment.optimizer.load_state_dict(checkpoint["optimizer"])
+            if experiment.schedule is not None:
+                experiment.schedule.load_state_dict(checkpoint["schedule"])
+            self.window.load_state_dict(checkpoint["training_window"])
+            self.interval.load_state_dict(checkpoint["evaluation_interval"])
+            if "divergence" in checkpoint:
+                self.divergence.load_state_dict(checkpoint["divergence"])
+            # Last, so that nothing built above draws from the restored generators.
+            restore_random_state(checkpoint["random_state"])
+        except (KeyError, ValueError, TypeError, RuntimeError, AttributeError, IndexError) as error:
+            detail = " ".join(str(error).split())[:100] or type(error).__name__
+            raise UserError(f"cannot use the checkpoint {path}: it does not fit this run ({detail})") from None
         self.step = checkpoint["step"]
         self.best = checkpoint["best"]
-        self.window.load_state_dict(checkpoint["training_window"])
-        self.interval.load_state_dict(checkpoint["evaluation_interval"])
         self.elapsed_before = checkpoint["elapsed_seconds"]
         self.finished = checkpoint["finished"]
         self.test = checkpoint["test"]
         self._checkpointed_step = self.step
-        # Last, so that nothing built above draws from the restored generators.
-        restore_random_state(checkpoint["random_state"])
 
     # ------------------------------------------------------------------ helpers
 
@@ -332,6 +514,8 @@ class Trainer:
             test=self.test,
             best_step=self.best["step"] if self.best else None,
             best_validation=self.best["validation"] if self.best else None,
+            diverged=self.diverged["reason"] if self.diverged else None,
+            stopped_by_signal=self.stop_signal if not (self.finished or self.diverged) else None,
         )
 
     def close(self):
@@ -344,7 +528,8 @@ class Trainer:
             initial=self.step,
             unit="step",
             dynamic_ncols=True,
-            disable=not self.logging["progress_bar"],
+            # Carriage-return frames only make sense on a terminal, not in piped or batch-system logs.
+            disable=not (self.logging["progress_bar"] and sys.stderr.isatty()),
             file=sys.stderr,
         )
 
@@ -359,8 +544,9 @@ class Trainer:
 
         def request_stop(number, frame):
             if self.stop_requested:
-                raise KeyboardInterrupt
+                raise Aborted(number)
             self.stop_requested = True
+            self.stop_signal = number
             say("stopping after this step and saving a checkpoint (again to abort at once)")
 
         for number in signals:
@@ -370,3 +556,13 @@ class Trainer:
         finally:
             for number, handler in previous.items():
                 signal.signal(number, handler)
+
+
+def load_model_state(model, state, path):
+    """``model.load_state_dict(state)``; ``UserError`` naming ``path`` when the weights are another model's."""
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError, KeyError) as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        detail = (lines[1] if len(lines) > 1 else lines[0] if lines else type(error).__name__)[:100]
+        raise UserError(f"cannot use the checkpoint {path}: it holds another model's weights ({detail})") from None
