@@ -17,41 +17,10 @@ import main
 from source.configuration import load_configuration
 from source.training.run_folder import RunFolder
 from tests.data_files import write_cifar10
-
-TINY = """\
-[experiment]
-name = tiny
-device = cpu
-cpu_threads = 1
-[data]
-name = digits
-[model]
-name = small_cnn
-[optimizer]
-name = lab_pal
-[training]
-training_steps = 24
-batch_size = 32
-evaluate_every_steps = 10
-[logging]
-progress_bar = false
-log_every_steps = 5
-"""
+from tests.tiny_run import TINY, workspace  # noqa: F401 (workspace is a fixture)
+from tests.tiny_run import set_options as _set
 
 SGD = ["--set", "optimizer.name=sgd", "--set", "optimizer.arguments.lr=0.1"]
-
-
-@pytest.fixture
-def workspace(tmp_path, monkeypatch):
-    """A fresh working folder holding tiny.txt; runs/ and plots/ would be created inside it."""
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "tiny.txt").write_text(TINY)
-    return tmp_path
-
-
-def _set(*overrides):
-    """Command-line arguments that apply ``overrides`` ("section.key=value") with --set."""
-    return [argument for override in overrides for argument in ("--set", override)]
 
 
 def _file(name, text):

@@ -16,44 +16,12 @@ from source.errors import UserError
 from source.plotting import PlottedRun, check_plot_folder, claim_plot_folder, plot_runs, read_metrics
 from source.training import RunFolder, run_experiment
 from source.training.data_order import EpochShuffleSampler, SeededSamples, training_loader
+from tests.tiny_run import TINY, workspace  # noqa: F401 (workspace is a fixture)
+from tests.tiny_run import set_options as _set
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 
-# 1,150 digits training images / 32 = 35 steps per epoch; evaluations at 10, 20, 24.
-TINY = """\
-[experiment]
-name = tiny
-device = cpu
-cpu_threads = 1
-[data]
-name = digits
-[model]
-name = small_cnn
-[optimizer]
-name = lab_pal
-[training]
-training_steps = 24
-batch_size = 32
-evaluate_every_steps = 10
-[logging]
-progress_bar = false
-log_every_steps = 5
-"""
-
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture
-def workspace(tmp_path, monkeypatch):
-    """A fresh working folder holding tiny.txt; runs/ and plots/ are created inside it."""
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "tiny.txt").write_text(TINY)
-    return tmp_path
-
-
-def _set(*overrides):
-    """Command-line arguments that apply ``overrides`` ("section.key=value") with --set."""
-    return [argument for override in overrides for argument in ("--set", override)]
 
 
 def _records(path):
