@@ -18,7 +18,8 @@ from torchvision.datasets import CIFAR10
 
 from source.data import DataSplits, available_datasets, build_datasets
 from source.data.presets import PRESETS
-from source.data.transforms import NORMALIZATION
+from source.data.splits import StoredSplit
+from source.data.transforms import NORMALIZATION, CropAndFlip
 from source.errors import UserError
 from tests.data_files import (
     copy_a_few_cifar10_jpegs,
@@ -47,9 +48,11 @@ def ids_and_labels(dataset, normalization: str) -> list[tuple[int, int]]:
     return [(image_id(item, normalization), int(label)) for item, label in dataset]
 
 
-def varies_between_calls(dataset, index: int, calls: int = 8) -> bool:
-    first = dataset[index][0]
-    return any(not torch.equal(first, dataset[index][0]) for _ in range(calls - 1))
+def varies_with_augmentation(split, position: int) -> bool:
+    """Whether some crop offsets or a flip change the training sample at ``position``."""
+    plain = split.training_sample((position, 0, 4, 4, False))[0]
+    keys = [(position, 0, row, column, flip) for row, column, flip in [(0, 0, False), (8, 3, False), (4, 4, True)]]
+    return any(not torch.equal(plain, split.training_sample(key)[0]) for key in keys)
 
 
 # --- registry ----------------------------------------------------------------------------------
@@ -151,14 +154,13 @@ def test_cifar10_reads_pickled_batches_with_known_pixels_and_labels(tmp_path):
 
 def test_validation_and_test_are_never_augmented_but_training_is(tmp_path):
     write_cifar10(tmp_path)
-    torch.manual_seed(0)
     splits = build_datasets("cifar10", tmp_path, train_size=15)
-    for index in range(5):
-        assert torch.equal(splits.validation[index][0], splits.validation[index][0])
-        assert torch.equal(splits.test[index][0], splits.test[index][0])
-    assert any(varies_between_calls(splits.train, index) for index in range(3))
+    assert splits.train.augmentation == CropAndFlip(4)
+    assert splits.validation.augmentation is None and splits.test.augmentation is None
+    assert all(varies_with_augmentation(splits.train, index) for index in range(3))
     unaugmented = build_datasets("cifar10", tmp_path, train_size=15, augment=False)
-    assert not any(varies_between_calls(unaugmented.train, index) for index in range(3))
+    assert not any(varies_with_augmentation(unaugmented.train, index) for index in range(3))
+    assert torch.equal(unaugmented.train.training_sample((2, 0, 1, 7, True))[0], unaugmented.train[2][0])
 
 
 def test_same_split_seed_gives_same_validation_and_another_seed_another(tmp_path):
@@ -185,9 +187,7 @@ def test_cifar100_reads_fine_labels_and_uses_padding_8(tmp_path):
     item, label = splits.test[4]
     assert int(label) == test.labels[4]
     assert torch.allclose(item, normalised(test.images[4], "imagenet"), atol=1e-6)
-    crops = [step for step in splits.train.transform.transforms if isinstance(step, transforms.RandomCrop)]
-    assert [(crop.size, crop.padding) for crop in crops] == [((32, 32), 8)]
-    assert any(isinstance(step, transforms.RandomHorizontalFlip) for step in splits.train.transform.transforms)
+    assert splits.train.augmentation == CropAndFlip(8)
 
 
 def test_data_loader_batches_have_the_interface_types(tmp_path):
@@ -281,9 +281,7 @@ def test_image_folder_with_test_folder_and_cifar_options_trains_like_cifar(tmp_p
     item, _ = splits.validation[0]
     written = training.images[image_id(item, "cifar10")]
     assert torch.allclose(item, normalised(written, "cifar10"), atol=1e-6)
-    steps = splits.train.transform.transforms
-    assert [(step.size, step.padding) for step in steps if isinstance(step, transforms.RandomCrop)] == [((32, 32), 4)]
-    assert not any(isinstance(step, transforms.RandomResizedCrop) for step in steps)
+    assert isinstance(splits.train, StoredSplit) and splits.train.augmentation == CropAndFlip(4)
 
 
 def test_image_folder_prefers_val_and_large_images_take_the_imagenet_pipeline(tmp_path):
@@ -354,6 +352,5 @@ def test_real_cifar10_jpegs_load_as_a_cifar_style_image_folder(tmp_path):
     assert item.shape == (3, 32, 32) and int(label) == 0
     assert torch.allclose(item, expected, atol=1e-6)
     assert [int(label) for _, label in splits.test] == [0] * 5 + [1] * 5
-    torch.manual_seed(0)
     assert splits.train[0][0].shape == (3, 32, 32)
-    assert any(varies_between_calls(splits.train, index) for index in range(3))
+    assert all(varies_with_augmentation(splits.train, index) for index in range(3))

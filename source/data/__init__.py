@@ -6,6 +6,10 @@ Data sets (defaults in presets.PRESETS; pipelines in transforms.py):
 - cifar10, cifar100, svhn: torchvision's readers of the official files (torchvision_sets.py)
 - imagenet, image_folder: class folders read with torchvision's ImageFolder (image_folder.py)
 
+``build_pipelines`` (pipelines.py) turns the splits into the batches a run trains and evaluates
+on: from a copy of the data on the training device, or through a DataLoader; sampling.py draws
+each epoch's order and augmentation.
+
 Validation is always drawn from the training split with ``split_seed`` and is
 never augmented; test is the official test split (or a fixed held-out part for
 the scikit-learn sets) and is never augmented either.
@@ -20,11 +24,12 @@ from typing import Callable
 from source.data.embedded import build_diabetes, build_digits
 from source.data.image_folder import build_image_folder, build_imagenet
 from source.data.options import DataOptions
+from source.data.pipelines import PIPELINE_CHOICES, DataPipelines, build_pipelines
 from source.data.splits import DataSplits
 from source.data.torchvision_sets import build_cifar10, build_cifar100, build_svhn
 from source.errors import UserError
 
-__all__ = ["DataSplits", "available_datasets", "build_datasets"]
+__all__ = ["PIPELINE_CHOICES", "DataPipelines", "DataSplits", "available_datasets", "build_datasets", "build_pipelines"]
 
 _BUILDERS: dict[str, Callable[[Path, DataOptions], DataSplits]] = {
     "digits": build_digits,

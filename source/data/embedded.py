@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.datasets import load_diabetes, load_digits
-from torch.utils.data import TensorDataset
 
 from source.data.options import DataOptions
 from source.data.presets import PRESETS, TEST_FRACTION, TEST_SPLIT_SEED
 from source.data.splits import (
     DataSplits,
-    TransformedSubset,
+    StoredSplit,
+    TensorStore,
     random_holdout,
     resolve_train_size,
     split_training_indices,
@@ -50,12 +50,12 @@ def build_digits(root: Path, options: DataOptions) -> DataSplits:
     labels = torch.as_tensor(bundle.target, dtype=torch.int64)
     test_indices = stratified_holdout(bundle.target, TEST_FRACTION, TEST_SPLIT_SEED)
     train_indices, validation_indices = _training_and_validation("digits", len(labels), test_indices, options)
-    base = TensorDataset(inputs, labels)
+    base = TensorStore(inputs, labels)
     return DataSplits(
         name="digits",
-        train=TransformedSubset(base, train_indices),
-        validation=TransformedSubset(base, validation_indices),
-        test=TransformedSubset(base, torch.as_tensor(test_indices)),
+        train=StoredSplit(base, train_indices),
+        validation=StoredSplit(base, validation_indices),
+        test=StoredSplit(base, torch.as_tensor(test_indices)),
         num_classes=10,
         input_shape=(1, 8, 8),
         task="classification",
@@ -78,12 +78,12 @@ def build_diabetes(root: Path, options: DataOptions) -> DataSplits:
     standardised_features = (features - training_features.mean(axis=0)) / training_features.std(axis=0)
     inputs = torch.as_tensor(standardised_features, dtype=torch.float32)
     outputs = torch.as_tensor((targets - training_targets.mean()) / target_std, dtype=torch.float32).unsqueeze(1)
-    base = TensorDataset(inputs, outputs)
+    base = TensorStore(inputs, outputs)
     return DataSplits(
         name="diabetes",
-        train=TransformedSubset(base, train_indices),
-        validation=TransformedSubset(base, validation_indices),
-        test=TransformedSubset(base, torch.as_tensor(test_indices)),
+        train=StoredSplit(base, train_indices),
+        validation=StoredSplit(base, validation_indices),
+        test=StoredSplit(base, torch.as_tensor(test_indices)),
         num_classes=1,
         input_shape=(features.shape[1],),
         task="regression",

@@ -9,7 +9,9 @@ Layout under ``root``:
 
 Class indices follow the sorted class-folder names; the evaluation folder must
 hold the same classes as train/. Images are read from disk per item, so training
-and validation share one file list. Nothing is downloaded: ``options.download`` is ignored.
+and validation share one file list; small images (``image_size`` at most 64) are
+resized to their stored form as they are read, and the device pipeline reads them
+all once. Nothing is downloaded: ``options.download`` is ignored.
 
 The shared CIFAR-10 JPEG archive trains like CIFAR-10 with
 ``image_folder, image_size=32, normalization="cifar10"``: 32 pixels selects the
@@ -23,7 +25,7 @@ from pathlib import Path
 from torchvision.datasets import ImageFolder
 
 from source.data.options import DataOptions
-from source.data.splits import DataSplits, class_index, image_classification_splits
+from source.data.splits import DataSplits, ImageFileStore, class_index, image_classification_splits
 from source.data.transforms import dataset_image_pipelines
 from source.errors import UserError
 
@@ -67,17 +69,21 @@ def _build_from_folders(
         raise UserError(f"{name} data not found: no folder {absent}; expected {layout}")
     try:
         training_base = ImageFolder(training_folder, target_transform=class_index)
-        test = ImageFolder(evaluation_folder, transform=pipelines.evaluation, target_transform=class_index)
+        test_base = ImageFolder(evaluation_folder, target_transform=class_index)
     except FileNotFoundError as error:
         raise UserError(f"{name} data incomplete ({' '.join(str(error).split())}); expected {layout}") from error
-    if training_base.classes != test.classes:
-        only_training = sorted(set(training_base.classes) - set(test.classes))
-        only_evaluation = sorted(set(test.classes) - set(training_base.classes))
+    if training_base.classes != test_base.classes:
+        only_training = sorted(set(training_base.classes) - set(test_base.classes))
+        only_evaluation = sorted(set(test_base.classes) - set(training_base.classes))
         raise UserError(
             f"{name}: {training_folder} and {evaluation_folder} must hold the same class folders "
             f"(only in {_TRAINING_FOLDER}/: {', '.join(only_training[:5]) or 'none'}; "
             f"only in {evaluation_folder.name}/: {', '.join(only_evaluation[:5]) or 'none'})"
         )
+    num_classes = len(training_base.classes)
+    if pipelines.is_small:
+        training_base = ImageFileStore(training_base, pipelines.image_size)
+        test_base = ImageFileStore(test_base, pipelines.image_size)
     return image_classification_splits(
-        name, training_base, test, pipelines=pipelines, num_classes=len(training_base.classes), options=options
+        name, training_base, test_base, pipelines=pipelines, num_classes=num_classes, options=options
     )

@@ -8,8 +8,8 @@ On-disk layout under ``root`` (what torchvision downloads and unpacks there):
             accepted too, as torchvision's SVHN reader lays them out)
 
 The test split is each data set's official test file; for SVHN that is
-test_32x32.mat. Training and validation are two views of one in-memory copy of
-the training file(s).
+test_32x32.mat. Training and validation are two views of one in-memory uint8 copy
+of the training file(s), resized once when ``image_size`` is not 32.
 """
 
 from __future__ import annotations
@@ -20,13 +20,15 @@ from pathlib import Path
 from typing import Callable, Iterator, NoReturn
 
 import numpy as np
+import torch
+from PIL import Image
 from scipy.io.matlab import MatReadError
 from torchvision.datasets import CIFAR10, CIFAR100, SVHN, VisionDataset
 
 from source.data.options import DataOptions
 from source.data.safe_pickle import RefusedPickle, load_data_pickle
-from source.data.splits import DataSplits, class_index, image_classification_splits
-from source.data.transforms import dataset_image_pipelines
+from source.data.splits import DataSplits, TensorStore, image_classification_splits
+from source.data.transforms import dataset_image_pipelines, stored_image
 from source.errors import UserError
 
 __all__ = ["build_cifar10", "build_cifar100", "build_svhn"]
@@ -168,7 +170,7 @@ def build_cifar100(root: Path, options: DataOptions) -> DataSplits:
 
 def _build_cifar(name: str, reader: type[_SafeCIFARFiles], root: Path, options: DataOptions) -> DataSplits:
     """CIFAR-10 or CIFAR-100 read by ``reader`` from root/<reader.base_folder>."""
-    pipelines = dataset_image_pipelines(name, options, native_size=_NATIVE_SIZE)
+    pipelines = dataset_image_pipelines(name, options)
     folder = root / reader.base_folder
     expected = [file_name for file_name, _ in reader.train_list + reader.test_list] + [reader.meta["filename"]]
     missing = [file_name for file_name in expected if not (folder / file_name).is_file()]
@@ -178,10 +180,13 @@ def _build_cifar(name: str, reader: type[_SafeCIFARFiles], root: Path, options: 
             f"from {_CIFAR_SOURCE} into {root}), or set data.download = True"
         )
     with _reading(reader.title, folder, download=bool(missing)):
-        training_base = reader(root, train=True, target_transform=class_index, download=bool(missing))
-        test = reader(root, train=False, transform=pipelines.evaluation, target_transform=class_index)
+        training_files = reader(root, train=True, download=bool(missing))
+        test_files = reader(root, train=False)
+    size = pipelines.image_size
+    training_base = _stored(training_files.data.transpose(0, 3, 1, 2), training_files.targets, size)
+    test_base = _stored(test_files.data.transpose(0, 3, 1, 2), test_files.targets, size)
     return image_classification_splits(
-        name, training_base, test, pipelines=pipelines, num_classes=reader.num_classes, options=options
+        name, training_base, test_base, pipelines=pipelines, num_classes=reader.num_classes, options=options
     )
 
 
@@ -190,7 +195,7 @@ def build_svhn(root: Path, options: DataOptions) -> DataSplits:
 
     The test split is test_32x32.mat. The 'extra' file is not used, as in the paper.
     """
-    pipelines = dataset_image_pipelines("svhn", options, native_size=_NATIVE_SIZE)
+    pipelines = dataset_image_pipelines("svhn", options)
     folder = _svhn_folder(root)
     missing = [file_name for file_name in _SVHN_FILES.values() if not (folder / file_name).is_file()]
     if missing and not options.download:
@@ -199,13 +204,20 @@ def build_svhn(root: Path, options: DataOptions) -> DataSplits:
             f"or set data.download = True"
         )
     with _reading("SVHN", folder, download=bool(missing)):
-        training_base = _SVHNFiles(folder, split="train", target_transform=class_index, download=bool(missing))
-        test = _SVHNFiles(
-            folder, split="test", transform=pipelines.evaluation, target_transform=class_index, download=bool(missing)
-        )
-    return image_classification_splits(
-        "svhn", training_base, test, pipelines=pipelines, num_classes=10, options=options
-    )
+        training_files = _SVHNFiles(folder, split="train", download=bool(missing))
+        test_files = _SVHNFiles(folder, split="test", download=bool(missing))
+    size = pipelines.image_size
+    training_base = _stored(training_files.data, training_files.labels, size)
+    test_base = _stored(test_files.data, test_files.labels, size)
+    return image_classification_splits("svhn", training_base, test_base, pipelines=pipelines, num_classes=10, options=options)
+
+
+def _stored(images: np.ndarray, labels, size: int) -> TensorStore:
+    """uint8 images (N, 3, 32, 32) and their labels as a store of images of side ``size``."""
+    inputs = torch.from_numpy(np.ascontiguousarray(images))
+    if size != _NATIVE_SIZE:
+        inputs = torch.stack([stored_image(Image.fromarray(image.transpose(1, 2, 0)), size) for image in images])
+    return TensorStore(inputs, torch.as_tensor(np.asarray(labels), dtype=torch.int64))
 
 
 def _svhn_folder(root: Path) -> Path:

@@ -4,23 +4,29 @@ Pipeline rule, the same for every image data set: images of side ``image_size``
 at most ``SMALL_IMAGE_MAX_SIZE`` (64) get the CIFAR-style pipeline, larger ones the
 ImageNet-style pipeline.
 
-- small, training:   [Resize] -> RandomCrop(size, padding=crop_padding) -> horizontal flip
-- small, evaluation: [Resize]
-- large, training:   RandomResizedCrop(size) -> horizontal flip
-- large, evaluation: Resize(size * 256 / 224) -> CenterCrop(size)
+- small: stored as uint8 images of side ``image_size`` (resized once when the data
+  set's images have another side); training crops at random with zero padding
+  ``crop_padding`` and flips horizontally (``CropAndFlip``, its random numbers drawn
+  per epoch in sampling.py), evaluation takes the stored image. Both end in
+  ``Normalisation``: pixels scaled to [0, 1], then the data set's mean and std. Every
+  step works on whole batches on any device, and on one sample as a batch of one.
+- large, training:   RandomResizedCrop(size) -> horizontal flip, on PIL images
+- large, evaluation: Resize(size * 256 / 224) -> CenterCrop(size), on PIL images
+  Both end in ToTensor and Normalize, which compute what ``Normalisation`` does.
 
-Both end in ToTensor (pixels scaled to [0, 1]) and Normalize with the chosen
-data set's mean and std. The Resize to (size, size) is left out when the data
-set's images already have that side. With ``augment=False`` training uses the
-evaluation pipeline.
+With ``augment=False`` training uses the evaluation pipeline.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
+import torch.nn.functional as F
+from PIL import Image
 from torchvision import transforms
+from torchvision.transforms.functional import pil_to_tensor
 
 from source.data.options import DataOptions
 from source.data.presets import PRESETS
@@ -29,10 +35,12 @@ from source.errors import UserError
 __all__ = [
     "NORMALIZATION",
     "SMALL_IMAGE_MAX_SIZE",
+    "CropAndFlip",
     "ImagePipelines",
-    "normalization_constants",
-    "image_transforms",
+    "Normalisation",
     "dataset_image_pipelines",
+    "normalization_constants",
+    "stored_image",
 ]
 
 # Per-channel (mean, std) of pixels scaled to [0, 1]. The CIFAR, SVHN and ImageNet
@@ -70,48 +78,106 @@ def normalization_constants(name: str, channels: int) -> tuple[tuple[float, ...]
     return mean, std
 
 
-def image_transforms(
-    *,
-    image_size: int,
-    crop_padding: int,
-    augment: bool,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    native_size: int | None = None,
-) -> tuple[Callable, Callable]:
-    """(training, evaluation) transforms from PIL images to normalised float tensors.
+@dataclass(frozen=True)
+class Normalisation:
+    """uint8 images (..., C, H, W) to float32: scaled to [0, 1], then (x - mean) / std per channel.
 
-    ``native_size`` is the side of the data set's own images when all share one
-    (CIFAR, SVHN: 32); None when they vary (image folders).
+    The operations and their order are ToTensor's and Normalize's, so the result is bitwise theirs.
     """
-    finish = [transforms.ToTensor(), transforms.Normalize(mean, std)]
-    if image_size <= SMALL_IMAGE_MAX_SIZE:
-        resize = [] if native_size == image_size else [transforms.Resize((image_size, image_size))]
-        evaluation = resize
-        crop = [transforms.RandomCrop(image_size, padding=crop_padding)] if crop_padding > 0 else []
-        training = resize + crop + [transforms.RandomHorizontalFlip()]
-    else:
-        evaluation = [
-            transforms.Resize(round(image_size * _EVALUATION_RESIZE_RATIO)),
-            transforms.CenterCrop(image_size),
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    _constants: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        mean, std = self._on(images.device)
+        return images.to(torch.float32).div_(255).sub_(mean).div_(std)
+
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        # Built once per device: a fresh host-to-device copy per batch would wait for the host.
+        if device not in self._constants:
+            self._constants[device] = tuple(
+                torch.tensor(values, dtype=torch.float32).view(-1, 1, 1).to(device) for values in (self.mean, self.std)
+            )
+        return self._constants[device]
+
+
+@dataclass(frozen=True)
+class CropAndFlip:
+    """Random crops of zero-padded images and horizontal flips, with their random numbers given.
+
+    ``offsets`` (B, 2) are each crop's top-left (row, column) in the image padded by ``padding``
+    on every side, in [0, 2 padding]; ``flips`` (B,) mirror the crop. One gather does both, on
+    whatever device the images are; it is RandomCrop(size, padding) and RandomHorizontalFlip with
+    the parameters drawn beforehand.
+    """
+
+    padding: int
+
+    def __call__(self, images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+        count, channels, height, width = images.shape
+        padding = self.padding
+        padded = F.pad(images, (padding, padding, padding, padding)) if padding else images
+        device = images.device
+        rows = offsets[:, :1] + torch.arange(height, device=device)
+        columns = offsets[:, 1:] + torch.arange(width, device=device)
+        columns = torch.where(flips[:, None], columns.flip(1), columns)
+        return padded[
+            torch.arange(count, device=device)[:, None, None, None],
+            torch.arange(channels, device=device)[None, :, None, None],
+            rows[:, None, :, None],
+            columns[:, None, None, :],
         ]
-        training = [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip()]
-    evaluation_transform = transforms.Compose(evaluation + finish)
-    training_transform = transforms.Compose(training + finish) if augment else evaluation_transform
-    return training_transform, evaluation_transform
+
+
+def stored_image(image: Image.Image, size: int) -> torch.Tensor:
+    """A PIL image as the small-image pipeline stores it: RGB uint8 (3, size, size), resized when needed."""
+    image = image.convert("RGB")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.BILINEAR)
+    return pil_to_tensor(image)
 
 
 @dataclass(frozen=True)
 class ImagePipelines:
-    """The resolved transforms of an image data set and the shape they produce."""
+    """The resolved pipelines of an image data set and the shape they produce.
 
-    training: Callable
-    evaluation: Callable
+    Small images (``is_small``): stored as uint8 of side ``image_size``, augmented for training by
+    ``augmentation`` (None: no augmentation), finished by ``normalisation``. Large images:
+    ``training`` and ``evaluation`` are torchvision transforms from PIL images to tensors.
+    """
+
     input_shape: tuple[int, int, int]
+    normalisation: Normalisation
+    augmentation: CropAndFlip | None = None
+    training: Callable | None = None
+    evaluation: Callable | None = None
+
+    @property
+    def is_small(self) -> bool:
+        """Whether this is the stored-image (CIFAR-style) pipeline."""
+        return self.training is None
+
+    @property
+    def image_size(self) -> int:
+        """The side of the model's input images."""
+        return self.input_shape[-1]
 
 
-def dataset_image_pipelines(name: str, options: DataOptions, *, native_size: int | None = None) -> ImagePipelines:
-    """Transforms of the RGB image data set ``name``, options left None taken from its preset."""
+def _large_image_transforms(size: int, augment: bool, mean, std) -> tuple[Callable, Callable]:
+    """(training, evaluation) torchvision transforms of the ImageNet-style pipeline."""
+    finish = [transforms.ToTensor(), transforms.Normalize(mean, std)]
+    evaluation = transforms.Compose(
+        [transforms.Resize(round(size * _EVALUATION_RESIZE_RATIO)), transforms.CenterCrop(size), *finish]
+    )
+    if not augment:
+        return evaluation, evaluation
+    training = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(), *finish])
+    return training, evaluation
+
+
+def dataset_image_pipelines(name: str, options: DataOptions) -> ImagePipelines:
+    """Pipelines of the RGB image data set ``name``, options left None taken from its preset."""
     preset = PRESETS[name]
     crop_padding = options.crop_padding
     size = preset.image_size if options.image_size is None else options.image_size
@@ -128,12 +194,15 @@ def dataset_image_pipelines(name: str, options: DataOptions, *, native_size: int
     mean, std = normalization_constants(
         preset.normalization if options.normalization is None else options.normalization, 3
     )
-    training, evaluation = image_transforms(
-        image_size=size,
-        crop_padding=preset.crop_padding if crop_padding is None else crop_padding,
-        augment=options.augment,
-        mean=mean,
-        std=std,
-        native_size=native_size,
+    input_shape = (3, size, size)
+    if size <= SMALL_IMAGE_MAX_SIZE:
+        padding = preset.crop_padding if crop_padding is None else crop_padding
+        return ImagePipelines(
+            input_shape=input_shape,
+            normalisation=Normalisation(mean, std),
+            augmentation=CropAndFlip(padding) if options.augment else None,
+        )
+    training, evaluation = _large_image_transforms(size, options.augment, mean, std)
+    return ImagePipelines(
+        input_shape=input_shape, normalisation=Normalisation(mean, std), training=training, evaluation=evaluation
     )
-    return ImagePipelines(training=training, evaluation=evaluation, input_shape=(3, size, size))

@@ -74,20 +74,19 @@ class RunningMetrics:
         self.values = state["values"]
 
 
-def evaluate(model, loader, loss_function, metrics, device):
-    """Mean loss and accuracy (or RMSE) of ``model`` over ``loader``, in eval mode, without gradients.
+def evaluate(network, model, batches, loss_function, metrics):
+    """Mean loss and accuracy (or RMSE) of ``network`` over ``batches``, in eval mode, without gradients.
 
-    ``metrics`` is a ``RunningMetrics`` for the task; it is reset first. The model's train/eval
-    mode is restored afterwards.
+    ``network`` computes the outputs: ``model`` or its compiled wrapper. ``batches`` yields
+    (inputs, targets) on the model's device. ``metrics`` is a ``RunningMetrics`` for the task; it is
+    reset first. The model's train/eval mode is restored afterwards.
     """
     was_training = model.training
     model.eval()
     metrics.reset()
     with torch.no_grad():
-        for inputs, targets in loader:
-            inputs = inputs.to(device, non_blocking=True)
-            targets = targets.to(device, non_blocking=True)
-            outputs = model(inputs)
+        for inputs, targets in batches:
+            outputs = network(inputs)
             metrics.add(loss_function(outputs, targets), outputs, targets)
     model.train(was_training)
     return metrics.result()

@@ -1,6 +1,10 @@
-"""Build an experiment from a validated configuration: device, data, model, loss, optimizer, schedule.
+"""Build an experiment from a validated configuration: device, data pipelines, model, loss, optimizer,
+schedule and the training loop's settings.
 
 Every ``UserError`` raised while building names the configuration file and the key it comes from.
+The choices "auto" leaves to the machine (data.pipeline, experiment.channels_last,
+experiment.autocast) are resolved here and written back into the configuration, so the run folder's
+configuration.txt records them and a resumed run keeps them.
 """
 
 import random
@@ -9,33 +13,72 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from source.data import build_datasets
+from source.data import build_datasets, build_pipelines
 from source.errors import UserError
 from source.models import build_model
-from source.optimizer import LineSearch, build_optimizer
+from source.optimizer import LabPal, LineSearch, build_optimizer
 from source.training.losses import choose_loss
 from source.training.schedules import build_schedule
 
-__all__ = ["Experiment", "build_experiment", "resolve_device", "seed_generators"]
+__all__ = [
+    "AUTOMATIC",
+    "AUTOMATIC_CHOICES",     "Experiment",
+    "TrainingSettings",
+    "build_experiment",
+    "resolve_device",
+    "seed_generators",
+]
 
 _PRESET = "preset"
-_AUTOMATIC = "auto"
+AUTOMATIC = "auto"
 _ONE_EPOCH = "epoch"
+_ON = "true"
+_BFLOAT16 = "bfloat16"
+_NO_AUTOCAST = "none"
+
+AUTOMATIC_CHOICES = {("data", "pipeline"), ("experiment", "channels_last"), ("experiment", "autocast")}
+"""Keys whose "auto" is resolved for the machine and recorded: on resume "auto" keeps the recorded value."""
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """What the training loop takes from the configuration, resolved and typed.
+
+    ``divergence_loss_factor`` is None when the blow-up test is off; ``autocast`` is the dtype
+    forward passes run in under ``torch.autocast`` (None: full precision).
+    """
+
+    training_steps: int
+    batch_size: int
+    evaluate_every_steps: int
+    log_every_steps: int
+    divergence_steps: int
+    divergence_loss_factor: float | None
+    tensorboard: bool
+    progress_bar: bool
+    autocast: torch.dtype | None
 
 
 @dataclass
 class Experiment:
-    """Everything a training run needs, built and placed on its device."""
+    """Everything a training run needs, built and placed on its device.
+
+    ``model`` is the module whose state is saved; ``network`` is what forward passes call: the
+    model itself, or its ``torch.compile`` wrapper. ``data`` holds the training, validation and test
+    batches (source.data.DataPipelines).
+    """
 
     configuration: object
     device: torch.device
     splits: object
+    data: object
     model: torch.nn.Module
+    network: object
     loss_function: object
     optimizer: torch.optim.Optimizer
     schedule: object
     steps_per_epoch: int
-    evaluate_every_steps: int
+    settings: TrainingSettings
 
     @property
     def is_line_search(self):
@@ -45,7 +88,7 @@ class Experiment:
 
 def resolve_device(name):
     """The torch device for the [experiment] device key: auto picks CUDA when present."""
-    if name == _AUTOMATIC:
+    if name == AUTOMATIC:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda":
@@ -68,8 +111,46 @@ def _dataset_arguments(data):
     return {
         key: (None if value == _PRESET else value)
         for key, value in data.items()
-        if key not in ("name", "root", "num_workers")
+        if key not in ("name", "root", "num_workers", "pipeline")
     }
+
+
+def _resolve_channels_last(configuration, device, splits):
+    """experiment.channels_last: "auto" is on for image models on CUDA, where convolutions gain from it."""
+    choice = configuration["experiment"]["channels_last"]
+    if choice == AUTOMATIC:
+        choice = _ON if device.type == "cuda" and len(splits.input_shape) == 3 else "false"
+    elif choice == _ON and len(splits.input_shape) != 3:
+        raise UserError(
+            f"{configuration.where('experiment', 'channels_last')}: true needs images, but {splits.name} has "
+            f"inputs of shape {splits.input_shape}; set it to false or auto"
+        )
+    configuration["experiment"]["channels_last"] = choice
+    return choice == _ON
+
+
+def _resolve_autocast(configuration, device, optimizer):
+    """experiment.autocast: "auto" is bfloat16 on CUDA for plain optimizers and LABPAL, whose line
+    measurements stay in full precision; the other line searches measure losses in their forward
+    passes, so "auto" keeps them in full precision."""
+    choice = configuration["experiment"]["autocast"]
+    if choice == AUTOMATIC:
+        safe = not isinstance(optimizer, LineSearch) or isinstance(optimizer, LabPal)
+        choice = _BFLOAT16 if device.type == "cuda" and safe else _NO_AUTOCAST
+    configuration["experiment"]["autocast"] = choice
+    return torch.bfloat16 if choice == _BFLOAT16 else None
+
+
+def _compiled(configuration, model, optimizer):
+    """The model's forward pass for training: ``torch.compile``d when experiment.compile is true."""
+    if not configuration["experiment"]["compile"]:
+        return model
+    if not getattr(optimizer, "supports_compiled_model", True):
+        raise UserError(
+            f"{configuration.where('experiment', 'compile')}: {configuration['optimizer']['name']} computes "
+            "per-sample gradients of the plain model, which a compiled model does not offer; set it to false"
+        )
+    return torch.compile(model)
 
 
 def build_experiment(configuration):
@@ -80,9 +161,10 @@ def build_experiment(configuration):
     with configuration.blame("experiment", "device"):
         device = resolve_device(configuration["experiment"]["device"])
     cpu_threads = configuration["experiment"]["cpu_threads"]
-    if cpu_threads != _AUTOMATIC:
+    if cpu_threads != AUTOMATIC:
         torch.set_num_threads(cpu_threads)
-    seed_generators(configuration["experiment"]["seed"])
+    seed = configuration["experiment"]["seed"]
+    seed_generators(seed)
     data = configuration["data"]
     with configuration.blame("data"):
         splits = build_datasets(data["name"], data["root"], **_dataset_arguments(data))
@@ -93,8 +175,11 @@ def build_experiment(configuration):
             f"{configuration.where('training', 'batch_size')}: {training['batch_size']} exceeds the "
             f"{len(splits.train)} training samples"
         )
+    channels_last = _resolve_channels_last(configuration, device, splits)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     with configuration.blame("model", "name"):
-        model = build_model(configuration["model"]["name"], splits.num_classes, splits.input_shape).to(device)
+        model = build_model(configuration["model"]["name"], splits.num_classes, splits.input_shape)
+    model = model.to(device, memory_format=memory_format)
     with configuration.blame("training", "loss"):
         loss_function = choose_loss(training["loss"], splits.task)
     optimizer_section = configuration["optimizer"]
@@ -111,15 +196,44 @@ def build_experiment(configuration):
         schedule = build_schedule(
             schedule_section["name"], optimizer, dict(schedule_section["arguments"]), training["training_steps"]
         )
+    autocast = _resolve_autocast(configuration, device, optimizer)
+    network = _compiled(configuration, model, optimizer)
+    # Last: the device pipeline copies the data to the device, which is wasted on a refused configuration.
+    with configuration.blame("data", "pipeline"):
+        pipelines = build_pipelines(
+            splits,
+            choice=data["pipeline"],
+            device=device,
+            batch_size=training["batch_size"],
+            evaluation_batch_size=training["evaluation_batch_size"],
+            seed=seed,
+            num_workers=data["num_workers"],
+            memory_format=memory_format,
+        )
+    data["pipeline"] = pipelines.kind
     evaluate_every_steps = training["evaluate_every_steps"]
+    logging = configuration["logging"]
+    settings = TrainingSettings(
+        training_steps=training["training_steps"],
+        batch_size=training["batch_size"],
+        evaluate_every_steps=steps_per_epoch if evaluate_every_steps == _ONE_EPOCH else evaluate_every_steps,
+        log_every_steps=logging["log_every_steps"],
+        divergence_steps=training["divergence_steps"],
+        divergence_loss_factor=training["divergence_loss_factor"] or None,
+        tensorboard=logging["tensorboard"],
+        progress_bar=logging["progress_bar"],
+        autocast=autocast,
+    )
     return Experiment(
         configuration=configuration,
         device=device,
         splits=splits,
+        data=pipelines,
         model=model,
+        network=network,
         loss_function=loss_function,
         optimizer=optimizer,
         schedule=schedule,
         steps_per_epoch=steps_per_epoch,
-        evaluate_every_steps=steps_per_epoch if evaluate_every_steps == _ONE_EPOCH else evaluate_every_steps,
+        settings=settings,
     )

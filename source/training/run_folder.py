@@ -2,7 +2,8 @@
 
 A new run never reuses a folder: if it exists, the run stops with a message to pass --resume
 or to choose another experiment name. A resumed run continues with the configuration the folder
-was started with (its configuration.txt); only keys that do not change the experiment's results
+was started with (its configuration.txt), where the machine's choices for "auto" keys are
+recorded; only keys that do not change the experiment's results
 (see ``RESUMABLE``) may be changed, and only with --set (see ``configuration_to_resume``).
 """
 
@@ -14,6 +15,7 @@ from pathlib import Path
 from source.configuration import Configuration, differing_keys, format_configuration, key_label, load_configuration
 from source.errors import UserError
 from source.training.checkpoints import write_text_atomically
+from source.training.experiment import AUTOMATIC, AUTOMATIC_CHOICES
 
 __all__ = ["LOCATION", "RESUMABLE", "RunFolder", "check_writable_folder", "configuration_to_resume"]
 
@@ -99,7 +101,7 @@ def configuration_to_resume(configuration):
         )
     sections = {name: _copy(section) for name, section in stored.sections.items()}
     overrides, ignored = {}, []
-    for path in differing_keys(stored, configuration):
+    for path in _differences(stored, configuration):
         value, saved = _value_at(configuration.sections, path), _value_at(stored.sections, path)
         if path in LOCATION:
             _set_value(sections, path, value)
@@ -123,6 +125,15 @@ def configuration_to_resume(configuration):
             f"{folder.configuration_path}"
         )
     return Configuration(sections=sections, source=str(folder.configuration_path), overrides=overrides), note
+
+
+def _differences(stored, configuration):
+    """The keys whose values differ; "auto" where the stored configuration records the machine's choice is none."""
+    return [
+        path
+        for path in differing_keys(stored, configuration)
+        if not (path in AUTOMATIC_CHOICES and _value_at(configuration.sections, path) == AUTOMATIC)
+    ]
 
 
 _MISSING = object()
@@ -215,7 +226,7 @@ class RunFolder:
         stored = load_configuration(self.configuration_path)
         changed = [
             key_label(path[:-1], path[-1])
-            for path in differing_keys(stored, configuration)
+            for path in _differences(stored, configuration)
             if path not in RESUMABLE and path not in LOCATION
         ]
         if changed:

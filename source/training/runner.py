@@ -188,6 +188,8 @@ def run_experiment(configuration, *, resume=False, stop_after_steps=None):
     folder = RunFolder.of(configuration)
     folder.check_can_start(configuration, resume)
     experiment = build_experiment(configuration)
+    if experiment.data.note:
+        say(experiment.data.note)
     checkpoint, repairs = None, []
     if resume:
         checkpoint = _last_checkpoint(folder, experiment, repairs)

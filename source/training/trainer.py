@@ -7,8 +7,13 @@ validation accuracy (lowest RMSE for regression; ties go to the lower validation
 matters on small validation sets that many checkpoints classify perfectly) is kept, and at the
 end it is evaluated on the test split.
 
+The trainer takes its batches from the experiment's data pipelines (source.data) and its
+settings from ``experiment.settings``; it does not read the configuration. Its training step never
+waits for the device: losses, metrics and the divergence streak stay there until a log interval.
+
 Optimizers come in two kinds. Line searches (``source.optimizer.LineSearch``: LABPAL, PAL, SLS,
-GOLS-I, PLS) get a forward-only closure over the CPU batch and do everything else; the trainer
+GOLS-I, PLS) get a forward-only closure over the batch, which names the batch by its pipeline key
+so that a replayed batch is loaded again rather than kept, and do everything else; the trainer
 reads the training outputs from ``closure.outputs``, their numbers from ``log_values()`` at log
 intervals and their measurements and failures from ``take_events()`` after every step. Plain
 torch.optim optimizers get zero_grad, forward, backward, step, and then the schedule steps once
@@ -41,7 +46,6 @@ from source.training.checkpoints import (
     restore_random_state,
     save_checkpoint,
 )
-from source.training.data_order import evaluation_loader, training_loader
 from source.training.evaluation import RunningMetrics, evaluate, quality_metric
 from source.training.losses import with_reduction
 from source.training.metrics_log import MetricsLog
@@ -165,22 +169,10 @@ class Trainer:
     """
 
     def __init__(self, experiment, run_folder, checkpoint=None, *, resume=False):
-        configuration = experiment.configuration
         self.experiment = experiment
         self.run_folder = run_folder
-        self.training = configuration["training"]
-        self.logging = configuration["logging"]
+        self.settings = settings = experiment.settings
         splits, device = experiment.splits, experiment.device
-        data = configuration["data"]
-        # Pinned host memory makes the copies to the GPU asynchronous.
-        loader_options = dict(num_workers=data["num_workers"], pin_memory=device.type == "cuda")
-        self.training_loader, self.sampler = training_loader(
-            splits.train, self.training["batch_size"], configuration["experiment"]["seed"], **loader_options
-        )
-        self.validation_loader = evaluation_loader(
-            splits.validation, self.training["evaluation_batch_size"], **loader_options
-        )
-        self.test_loader = evaluation_loader(splits.test, self.training["evaluation_batch_size"], **loader_options)
         # Training metrics since the last training record, and since the last evaluation.
         self.window = RunningMetrics(splits.task, splits.target_scale, device)
         self.interval = RunningMetrics(splits.task, splits.target_scale, device)
@@ -195,8 +187,7 @@ class Trainer:
         self.stop_requested = False
         self.stop_signal = None
         self.diverged = None
-        loss_factor = self.training["divergence_loss_factor"]
-        self.divergence = DivergenceWatch(self.training["divergence_steps"], loss_factor or None, device)
+        self.divergence = DivergenceWatch(settings.divergence_steps, settings.divergence_loss_factor, device)
         self._checkpointed_step = None
         resume_offset, resume_step = 0, (0 if resume else None)
         if checkpoint is not None:
@@ -206,7 +197,7 @@ class Trainer:
         self.log = MetricsLog(
             run_folder.path,
             run_folder.metrics_path,
-            tensorboard=self.logging["tensorboard"],
+            tensorboard=settings.tensorboard,
             resume_offset=resume_offset,
             resume_step=resume_step,
         )
@@ -221,21 +212,20 @@ class Trainer:
         step reached, so --resume continues exactly there. A run that diverges stops at the next
         log interval or evaluation, keeping its last good checkpoint.
         """
-        total = self.training["training_steps"]
+        total = self.settings.training_steps
         if self.finished and self.step == total:
             say(f"{self.run_folder.path} finished at step {self.step} already; nothing to train")
             return self.outcome()
         self.finished, self.test = False, None
         stop_at = total if stop_after_steps is None else min(total, self.step + stop_after_steps)
         steps_per_epoch = self.experiment.steps_per_epoch
-        batch_size = self.training["batch_size"]
+        batches = self.experiment.data.training
         self.experiment.model.train()
         with self._progress_bar(total) as bar, self._stop_on_signals():
             while self.step < stop_at and not self._stopping():
                 epoch, batch_in_epoch = divmod(self.step, steps_per_epoch)
-                self.sampler.set_position(epoch, batch_in_epoch * batch_size)
-                for inputs, targets in self.training_loader:
-                    self._train_step(inputs, targets, bar)
+                for inputs, targets, key in batches.epoch(epoch, batch_in_epoch):
+                    self._train_step(inputs, targets, key, bar)
                     if self.step >= stop_at or self._stopping():
                         break
         # The steps since the last log interval or evaluation may have diverged too.
@@ -251,13 +241,12 @@ class Trainer:
     def _stopping(self):
         return self.stop_requested or self.diverged is not None
 
-    def _train_step(self, inputs, targets, bar):
-        experiment = self.experiment
-        log_now = (self.step + 1) % self.logging["log_every_steps"] == 0
-        evaluate_now = (self.step + 1) % experiment.evaluate_every_steps == 0 or (
-            self.step + 1 == self.training["training_steps"]
-        )
-        loss, outputs, targets = self._optimize(inputs, targets)
+    def _train_step(self, inputs, targets, key, bar):
+        experiment, settings = self.experiment, self.settings
+        log_now = (self.step + 1) % settings.log_every_steps == 0
+        evaluate_now = (self.step + 1) % settings.evaluate_every_steps == 0 or (self.step + 1 == settings.training_steps)
+        with self._autocast():
+            loss, outputs = self._optimize(inputs, targets, key)
         # What this step used, read before a schedule moves the learning rate on for the next step.
         optimizer_values = self._optimizer_values(self.step + 1) if log_now else None
         if experiment.schedule is not None:
@@ -277,24 +266,30 @@ class Trainer:
         if evaluate_now:
             self._evaluate_and_checkpoint()
 
-    def _optimize(self, inputs, targets):
-        """One optimizer step on one batch; returns the batch's loss, model outputs and device targets."""
+    def _optimize(self, inputs, targets, key):
+        """One optimizer step on one batch (on the device); returns the batch's loss and the model's outputs."""
         experiment = self.experiment
-        model, optimizer, device = experiment.model, experiment.optimizer, experiment.device
+        network, optimizer = experiment.network, experiment.optimizer
         if experiment.is_line_search:
-            # The closure moves the CPU batch to the device itself, each time it is evaluated.
             loss_function = with_reduction(experiment.loss_function, optimizer.closure_loss)
-            closure = make_batch_closure(model, loss_function, inputs, targets, device)
+            closure = make_batch_closure(
+                network, loss_function, inputs, targets, experiment.device, batches=experiment.data.training, key=key
+            )
             loss = optimizer.step(closure)
-            return loss, closure.outputs, targets.to(device, non_blocking=True)
-        inputs = inputs.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
+            return loss, closure.outputs
         optimizer.zero_grad(set_to_none=True)
-        outputs = model(inputs)
+        outputs = network(inputs)
         loss = experiment.loss_function(outputs, targets)
         loss.backward()
         optimizer.step()
-        return loss.detach(), outputs.detach(), targets
+        return loss.detach(), outputs.detach()
+
+    def _autocast(self):
+        """Forward passes in the settings' autocast dtype (LABPAL keeps its line measurements in full precision)."""
+        dtype = self.settings.autocast
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.experiment.device.type, dtype=dtype)
 
     # ------------------------------------------------------------------ logging and evaluation
 
@@ -307,10 +302,10 @@ class Trainer:
         """
         optimizer = self.experiment.optimizer
         if self.experiment.is_line_search:
-            return {"learning_rate": 0.0, "training_batch_size": self.training["batch_size"], **optimizer.log_values()}
+            return {"learning_rate": 0.0, "training_batch_size": self.settings.batch_size, **optimizer.log_values()}
         return {
             "learning_rate": float(optimizer.param_groups[0]["lr"]),
-            "training_batch_size": self.training["batch_size"],
+            "training_batch_size": self.settings.batch_size,
             "forward_passes": steps_done,
             "backward_passes": steps_done,
         }
@@ -331,9 +326,7 @@ class Trainer:
 
     def _evaluate_and_checkpoint(self):
         experiment = self.experiment
-        validation = evaluate(
-            experiment.model, self.validation_loader, experiment.loss_function, self.evaluation, experiment.device
-        )
+        validation = self._evaluate(experiment.data.validation)
         epoch = self.step / experiment.steps_per_epoch
         elapsed = self._elapsed()
         self.log.write(
@@ -343,7 +336,7 @@ class Trainer:
         self.interval.reset()
         learning_rate = self._optimizer_values(self.step)["learning_rate"]
         say(
-            f"step {self.step}/{self.training['training_steps']} epoch {epoch:.4g} | "
+            f"step {self.step}/{self.settings.training_steps} epoch {epoch:.4g} | "
             f"training {_format_metrics(training)} | validation {_format_metrics(validation)} | "
             f"lr {learning_rate:.4g} | {elapsed:.1f} s"
         )
@@ -360,6 +353,11 @@ class Trainer:
         else:
             self._save_last_checkpoint()
         self.log.flush()
+
+    def _evaluate(self, batches):
+        experiment = self.experiment
+        with self._autocast():
+            return evaluate(experiment.network, experiment.model, batches, experiment.loss_function, self.evaluation)
 
     def _is_better(self, validation):
         """Better validation accuracy (lower RMSE); on a tie, lower validation loss. Never a non-finite result."""
@@ -385,9 +383,7 @@ class Trainer:
                 f"cannot use the checkpoint {path}: it holds step {best['step']}, not the best step {self.best['step']}"
             )
         load_model_state(experiment.model, best["model"], path)
-        self.test = evaluate(
-            experiment.model, self.test_loader, experiment.loss_function, self.evaluation, experiment.device
-        )
+        self.test = self._evaluate(experiment.data.test)
         passes = self._optimizer_values(self.step)
         self.log.write(
             self.step,
@@ -529,7 +525,7 @@ class Trainer:
             unit="step",
             dynamic_ncols=True,
             # Carriage-return frames only make sense on a terminal, not in piped or batch-system logs.
-            disable=not (self.logging["progress_bar"] and sys.stderr.isatty()),
+            disable=not (self.settings.progress_bar and sys.stderr.isatty()),
             file=sys.stderr,
         )
 

@@ -18,7 +18,11 @@ class BatchClosure:
     current parameters and returns the loss tensor; it never calls ``backward``.
     The batch is bound when the closure is built and moved to ``device`` only while
     it is evaluated, so a stored closure costs the memory of its batch where the
-    caller produced it. The first call records the random-number state (CPU, and
+    caller produced it. Given ``batches`` and ``key`` — any object whose
+    ``batches.load(key)`` returns the same (inputs, targets) again, such as a data
+    pipeline that names its batches — the closure lets go of its batch after the
+    first call and loads it again when it is called later; a stored closure and a
+    saved state then hold only the key. The first call records the random-number state (CPU, and
     CUDA when available) and every later call replays it, so dropout masks and any
     other randomness in the forward pass are the same each time; only the first
     call advances the global generators, as an ordinary forward pass would.
@@ -33,12 +37,17 @@ class BatchClosure:
         inputs: torch.Tensor,
         targets: torch.Tensor,
         device: torch.device | str | None = None,
+        *,
+        batches=None,
+        key=None,
     ):
         self.model = model
         self.loss_function = loss_function
         self.inputs = inputs
         self.targets = targets
         self.device = torch.device(device) if device is not None else None
+        self.batches = batches
+        self.key = key
         self.outputs: torch.Tensor | None = None
         self._cpu_rng_state: torch.Tensor | None = None
         self._cuda_rng_state: torch.Tensor | None = None
@@ -50,6 +59,8 @@ class BatchClosure:
                 self._cuda_rng_state = torch.cuda.get_rng_state(self.device)
             loss, outputs = self._evaluate()
             self.outputs = outputs.detach()
+            if self.batches is not None:
+                self.inputs = self.targets = None
             return loss
         saved_cpu_state = torch.get_rng_state()
         replays_cuda = self._uses_cuda and self._cuda_rng_state is not None
@@ -65,18 +76,32 @@ class BatchClosure:
                 torch.cuda.set_rng_state(saved_cuda_state, self.device)
         return loss
 
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bound (inputs, targets), loaded again from ``batches`` when the closure let go of them."""
+        if self.inputs is None:
+            return self.batches.load(self.key)
+        return self.inputs, self.targets
+
     def batch_state(self) -> dict:
-        """This closure's batch and random state, for a checkpoint."""
-        return {
-            "inputs": self.inputs,
-            "targets": self.targets,
-            "cpu_rng_state": self._cpu_rng_state,
-            "cuda_rng_state": self._cuda_rng_state,
-        }
+        """This closure's batch (or its key) and random state, for a checkpoint."""
+        batch = {"key": self.key} if self.batches is not None else {"inputs": self.inputs, "targets": self.targets}
+        return {**batch, "cpu_rng_state": self._cpu_rng_state, "cuda_rng_state": self._cuda_rng_state}
 
     def for_batch(self, batch_state: dict) -> "BatchClosure":
-        """A closure over this one's model, loss and device that replays a saved ``batch_state``."""
-        closure = BatchClosure(self.model, self.loss_function, batch_state["inputs"], batch_state["targets"], self.device)
+        """A closure over this one's model, loss, device and batches that replays a saved ``batch_state``."""
+        if "key" in batch_state:
+            if self.batches is None:
+                raise ValueError(
+                    "the saved state names its batches by key; build the closures with "
+                    "make_batch_closure(..., batches=..., key=...) to load them again"
+                )
+            closure = BatchClosure(
+                self.model, self.loss_function, None, None, self.device, batches=self.batches, key=batch_state["key"]
+            )
+        else:
+            closure = BatchClosure(
+                self.model, self.loss_function, batch_state["inputs"], batch_state["targets"], self.device
+            )
         closure._cpu_rng_state = batch_state["cpu_rng_state"]
         closure._cuda_rng_state = batch_state["cuda_rng_state"]
         return closure
@@ -86,7 +111,7 @@ class BatchClosure:
         return self.device is not None and self.device.type == "cuda" and torch.cuda.is_available()
 
     def _evaluate(self) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs, targets = self.inputs, self.targets
+        inputs, targets = self.batch()
         if self.device is not None:
             inputs = inputs.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
@@ -100,12 +125,15 @@ def make_batch_closure(
     inputs: torch.Tensor,
     targets: torch.Tensor,
     device: torch.device | str | None = None,
+    *,
+    batches=None,
+    key=None,
 ) -> BatchClosure:
-    """Build the closure for ``LabPal.step`` from one batch.
+    """Build the closure for ``LabPal.step`` from one batch (``batches``, ``key``: see BatchClosure).
 
     Build a new closure for every batch: it binds ``inputs`` and ``targets`` now.
     A hand-written ``def closure(): return loss_fn(model(x), y)`` inside a training
     loop reads ``x`` and ``y`` when it is called, and LABPAL calls stored closures
     again several steps later, by when the loop variables hold a newer batch.
     """
-    return BatchClosure(model, loss_function, inputs, targets, device)
+    return BatchClosure(model, loss_function, inputs, targets, device, batches=batches, key=key)

@@ -118,6 +118,8 @@ class Pls(LineSearchBase):
     """
 
     closure_loss = SAMPLE_LOSSES
+    supports_compiled_model = False
+    """Its per-sample gradients call the plain module through torch.func, which a compiled model does not offer."""
     # Per-sample gradients and projections are taken per parameter, so only the device must be shared.
     _parameters_share = ("device",)
 

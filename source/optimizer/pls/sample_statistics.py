@@ -128,7 +128,7 @@ def _sample_gradient_moments(closure: BatchClosure, params, statistics, sample_c
     constants.update({name: tensor for name, tensor in model.named_buffers()})
     constants.update(statistics)
     trainable = {names[id(p)]: p.detach() for p in params}
-    inputs, targets = closure.inputs, closure.targets
+    inputs, targets = closure.batch()
     if closure.device is not None:
         inputs, targets = inputs.to(closure.device), targets.to(closure.device)
 
