@@ -1,7 +1,9 @@
 """LABPAL's numerical pieces and optimizer, pinned against known answers."""
 
 import copy
+import dataclasses
 import io
+import json
 import math
 
 import pytest
@@ -467,25 +469,41 @@ def train_steps(model, optimizer, batches):
         optimizer.step(make_batch_closure(model, loss_function, inputs, targets))
 
 
-@pytest.mark.parametrize("mode, momentum", [("NSGD", 0.0), ("SGD", 0.9)])
+def decayed_groups(model, weight_decay):
+    """Two parameter groups: the features decay by ``weight_decay``, the head does not."""
+    return [
+        {"params": list(model.features.parameters()), "weight_decay": weight_decay},
+        {"params": list(model.head.parameters())},
+    ]
+
+
+@pytest.mark.parametrize(
+    "mode, momentum, variant",
+    [("NSGD", 0.0, None), ("SGD", 0.9, None), ("NSGD", 0.0, "weight decay"), ("SGD", 0.9, "research code")],
+)
 # Splits after: a training step; a measurement's line batches (k = 1); the first of the two
 # direction batches of a k = 2 measurement; its line batches; the middle of a k = 2 training batch.
 @pytest.mark.parametrize("split", [13, 16, 28, 30, 34])
-def test_resuming_from_state_dict_continues_bitwise(mode, momentum, split):
+def test_resuming_from_state_dict_continues_bitwise(mode, momentum, variant, split):
     batches = image_batches(48, seed=3)
     arguments = dict(
         mode=mode, momentum=momentum, untrustworthy_updates=4, measurement_interval=6,
         approximation_batches=3, averaging_window=3, batch_size_schedule=((0, 1), (26, 2)),
+        research_code_steps=variant == "research code",
     )
+
+    def parameters(model):
+        return decayed_groups(model, 5e-3) if variant == "weight decay" else model.parameters()
+
     torch.manual_seed(0)
     model = SmallBatchNormNet()
     resumed_model = copy.deepcopy(model)
-    uninterrupted = LabPal(model.parameters(), buffers=model.buffers(), **arguments)
+    uninterrupted = LabPal(parameters(model), buffers=model.buffers(), **arguments)
     torch.manual_seed(5)
     train_steps(model, uninterrupted, batches)
 
     torch.manual_seed(0)
-    optimizer = LabPal(resumed_model.parameters(), buffers=resumed_model.buffers(), **arguments)
+    optimizer = LabPal(parameters(resumed_model), buffers=resumed_model.buffers(), **arguments)
     torch.manual_seed(5)
     train_steps(resumed_model, optimizer, batches[:split])
     saved = io.BytesIO()
@@ -495,7 +513,7 @@ def test_resuming_from_state_dict_continues_bitwise(mode, momentum, split):
     checkpoint = torch.load(saved, weights_only=False)
     fresh_model = SmallBatchNormNet()
     fresh_model.load_state_dict(checkpoint["model"])
-    fresh = LabPal(fresh_model.parameters(), buffers=fresh_model.buffers(), **arguments)
+    fresh = LabPal(parameters(fresh_model), buffers=fresh_model.buffers(), **arguments)
     fresh.load_state_dict(checkpoint["optimizer"])
     torch.set_rng_state(checkpoint["rng"])
     train_steps(fresh_model, fresh, batches[split:])
@@ -558,13 +576,20 @@ def test_momentum_training_update_follows_the_buffer(mode):
         torch.testing.assert_close(theta.detach(), expected, rtol=1e-12, atol=1e-12)
 
 
-def test_nsgd_learning_rate_tracks_the_direction_norm_every_update():
+def test_nsgd_effective_learning_rate_tracks_the_direction_norm_and_param_groups_keep_the_measured_one():
     theta, a, b, loss = quadratic_problem(seed=14)
     optimizer = LabPal([theta], **few_updates(measurement_interval=10))
     run(optimizer, loss, 2)
+    measured = optimizer.summary.last_measured_learning_rate
     gradient_norm = (a @ theta.detach() - b).norm().item()
     optimizer.step(loss)
-    assert float(optimizer.param_groups[0]["lr"]) == pytest.approx(optimizer.summary.step_size / gradient_norm)
+    rate = optimizer.effective_learning_rate
+    assert isinstance(rate, torch.Tensor) and rate.dim() == 0 and rate.device == theta.device
+    assert rate.item() == pytest.approx(optimizer.summary.step_size / gradient_norm)
+    assert optimizer.log_values()["learning_rate"] == pytest.approx(rate.item())
+    lr = optimizer.param_groups[0]["lr"]
+    assert type(lr) is float and lr == measured  # set at the measurement only; json.dumps works
+    assert json.loads(json.dumps(optimizer.state_dict()["param_groups"][0]["lr"])) == measured
 
 
 def test_measurement_under_bfloat16_autocast_matches_full_precision():
@@ -617,15 +642,6 @@ def test_invalid_arguments_name_the_argument_and_value(argument, value):
     assert argument in str(error.value) and repr(value) in str(error.value)
 
 
-def test_several_parameter_groups_are_rejected():
-    first, second = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
-    with pytest.raises(ValueError, match="exactly one parameter group"):
-        LabPal([{"params": [first]}, {"params": [second]}])
-    optimizer = LabPal([first])
-    with pytest.raises(ValueError, match="exactly one parameter group"):
-        optimizer.add_param_group({"params": [second]})
-
-
 def test_parameters_on_several_dtypes_are_rejected():
     with pytest.raises(ValueError, match="one device and dtype"):
         LabPal([nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2, dtype=torch.float64))])
@@ -660,3 +676,222 @@ def test_a_failed_measurement_is_an_event_with_its_reason():
     run(optimizer, increasing_line, 1)
     (event,) = optimizer.take_events()
     assert event["event"] == "failure" and "direction norm 0 outside" in event["reason"]
+
+# --------------------------------------------------------------------------- dtypes
+
+
+def test_float64_default_dtype_trains_exactly_like_an_explicit_float64_model():
+    batches = regression_batches(12, 8, seed=5)
+
+    def trained(default_dtype):
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(default_dtype)
+        try:
+            model = nn.Linear(4, 1).double()
+            with torch.no_grad():  # the same start under both defaults
+                model.weight.copy_(torch.tensor([[0.5, -0.25, 1.0, 0.75]]))
+                model.bias.fill_(0.1)
+            optimizer = LabPal(model.parameters(), **few_updates(batch_size_schedule=((0, 2),)))
+            for inputs, targets in batches:  # a k = 2 measurement, then k = 2 training updates
+                optimizer.step(make_batch_closure(model, nn.MSELoss(), inputs, targets.unsqueeze(1)))
+        finally:
+            torch.set_default_dtype(previous)
+        assert optimizer.summary.updates == 4 and optimizer.summary.skipped_updates == 0
+        return [p.detach() for p in model.parameters()]
+
+    for float64_default, float32_default in zip(trained(torch.float64), trained(torch.float32)):
+        assert float64_default.dtype == torch.float64 and torch.equal(float64_default, float32_default)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_parameters_are_refused_with_the_reason(dtype):
+    with pytest.raises(ValueError, match=rf"LabPal .*resolution of {dtype}.*autocast"):
+        LabPal([nn.Parameter(torch.zeros(2, dtype=dtype))])
+
+
+# --------------------------------------------------------------------------- torch.optim habits
+
+
+def decayed_quadratic(decays):
+    """The quadratic problem split into parameter groups, one per entry of ``decays``."""
+    theta, a, b, _ = quadratic_problem(dimension=6, seed=20)
+    sizes = [6 // len(decays)] * len(decays)
+    parts = [nn.Parameter(part.clone()) for part in theta.detach().split(sizes)]
+
+    def loss():
+        whole = torch.cat(parts)
+        return 0.5 * whole @ a @ whole - b @ whole
+
+    groups = [{"params": [part], "weight_decay": decay} for part, decay in zip(parts, decays)]
+    per_coordinate = torch.cat([torch.full((size,), decay, dtype=torch.float64) for size, decay in zip(sizes, decays)])
+    return parts, groups, loss, a + torch.diag(per_coordinate), b
+
+
+@pytest.mark.parametrize("mode", ["NSGD", "SGD"])
+def test_weight_decay_per_group_measures_the_line_minimum_of_the_decayed_objective(mode):
+    decays = (0.5, 0.0)
+    parts, groups, loss, decayed_a, b = decayed_quadratic(decays)
+    start = torch.cat([p.detach() for p in parts])
+    direction = decayed_a @ start - b  # ∇(f + Σ λ/2 ‖θ_group‖²)
+    expected = exact_line_minimum(start, decayed_a, b, direction)
+    optimizer = LabPal(groups, mode, step_adaptation=1.0, max_step=1e6, **few_updates(measurement_interval=5))
+    run(optimizer, loss, 2)
+    assert [group["weight_decay"] for group in optimizer.param_groups] == list(decays)
+    after = torch.cat([p.detach() for p in parts])
+    assert (after - expected).norm() / (expected - start).norm() < 1e-3
+
+    summary = optimizer.summary
+    gradient = decayed_a @ after - b  # a training update follows the decayed gradient too
+    step = summary.step_size * gradient / gradient.norm() if mode == "NSGD" else summary.learning_rate * gradient
+    optimizer.step(loss)
+    torch.testing.assert_close(torch.cat([p.detach() for p in parts]), after - step, rtol=1e-12, atol=1e-12)
+
+
+def test_without_weight_decay_several_groups_train_like_one():
+    parts, groups, loss, _, _ = decayed_quadratic((0.0, 0.0, 0.0))
+    theta = nn.Parameter(torch.cat([p.detach() for p in parts]))
+    _, a, b, _ = quadratic_problem(dimension=6, seed=20)
+
+    def whole_loss():
+        return 0.5 * theta @ a @ theta - b @ theta
+
+    grouped = LabPal(groups, **few_updates())
+    single = LabPal([theta], **few_updates())
+    run(grouped, loss, 9)
+    run(single, whole_loss, 9)
+    torch.testing.assert_close(torch.cat([p.detach() for p in parts]), theta.detach(), rtol=1e-13, atol=1e-13)
+    grouped_summary, single_summary = grouped.summary, single.summary
+    assert grouped_summary.learning_rate == pytest.approx(single_summary.learning_rate, rel=1e-13)
+    without_rate = dataclasses.replace(grouped_summary, learning_rate=None)
+    assert without_rate == dataclasses.replace(single_summary, learning_rate=None)
+    assert grouped_summary.measurements == 2
+
+
+@pytest.mark.parametrize("option, value", [("momentum", 0.9), ("lr", 0.1), ("mode", "SGD"), ("sample_step", 0.02)])
+def test_options_other_than_weight_decay_are_global(option, value):
+    first, second = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match=rf"sets {option}; .*only weight_decay may differ"):
+        LabPal([{"params": [first]}, {"params": [second], option: value}])
+    optimizer = LabPal([first])
+    with pytest.raises(ValueError, match="only weight_decay may differ"):
+        optimizer.add_param_group({"params": [second], option: value})
+    optimizer.add_param_group({"params": [second], "weight_decay": 1e-4})
+    assert len(optimizer.param_groups) == 2
+
+
+@pytest.mark.parametrize("weight_decay", [-1.0, float("nan"), "0.1"])
+def test_invalid_weight_decay_is_refused_per_group(weight_decay):
+    with pytest.raises(ValueError, match="Invalid weight_decay"):
+        LabPal([{"params": [nn.Parameter(torch.zeros(2))], "weight_decay": weight_decay}])
+
+
+def lbfgs_style_closure(optimizer, model, inputs, targets):
+    def closure():
+        optimizer.zero_grad()
+        loss = nn.functional.mse_loss(model(inputs), targets)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+@pytest.mark.parametrize("kind", ["calls backward", "returns a float", "returns a detached loss"])
+def test_a_closure_that_calls_backward_or_returns_no_graph_gets_the_fix(kind):
+    model = LinearRegression()
+    ((inputs, targets),) = regression_batches(1, 8)
+    optimizer = LabPal(model.parameters())
+    closures = {
+        "calls backward": lbfgs_style_closure(optimizer, model, inputs, targets),
+        "returns a float": lambda: nn.functional.mse_loss(model(inputs), targets).item(),
+        "returns a detached loss": lambda: nn.functional.mse_loss(model(inputs), targets).detach(),
+    }
+    with pytest.raises(ValueError, match=r"Invalid closure: .*LabPal calls backward itself.*make_batch_closure"):
+        optimizer.step(closures[kind])
+
+
+def test_a_backward_calling_closure_at_a_forward_only_evaluation_gets_the_fix_too():
+    model = LinearRegression()
+    (inputs, targets), _ = regression_batches(2, 8)
+    optimizer = LabPal(model.parameters(), **few_updates())
+    optimizer.step(make_batch_closure(model, nn.MSELoss(), inputs, targets))  # the direction batch
+    with pytest.raises(ValueError, match="Invalid closure: it called backward"):  # a line batch, under no_grad
+        optimizer.step(lbfgs_style_closure(optimizer, model, inputs, targets))
+
+
+def test_grad_scaler_step_is_refused_when_enabled_and_passes_through_when_disabled():
+    model = LinearRegression()
+    (inputs, targets), = regression_batches(1, 8)
+    closure = make_batch_closure(model, nn.MSELoss(), inputs, targets)
+    optimizer = LabPal(model.parameters(), **few_updates())
+    torch.amp.GradScaler("cpu", enabled=False).step(optimizer, closure)
+    assert optimizer.summary.steps == 1
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(closure())  # as mixed-precision code scales its loss
+    with pytest.raises(ValueError, match="GradScaler.*call optimizer.step\\(closure\\) directly"):
+        scaler.step(optimizer, closure)
+    optimizer.step(closure)  # the refusal leaves nothing behind
+    assert optimizer.summary.steps == 2
+
+
+def test_a_learning_rate_scheduler_is_refused():
+    theta, _, _, loss = quadratic_problem(seed=21)
+    optimizer = LabPal([theta])
+    torch.optim.lr_scheduler.StepLR(optimizer, step_size=10)
+    with pytest.raises(ValueError, match="learning-rate scheduler .*batch_size_schedule"):
+        optimizer.step(loss)
+
+
+def test_get_closure_is_make_batch_closure_in_the_research_code_argument_order():
+    model = LinearRegression()
+    (inputs, targets), = regression_batches(1, 8)
+    optimizer = LabPal(model.parameters())
+    closure = optimizer.get_closure(inputs, targets, model, nn.MSELoss(), "cpu")
+    assert closure.model is model and closure.inputs is inputs and closure.targets is targets
+    assert closure.device == torch.device("cpu")
+    assert torch.equal(closure(), make_batch_closure(model, nn.MSELoss(), inputs, targets)())
+    assert LabPal.get_closure(inputs, targets, model, nn.MSELoss()).device is None
+
+
+@pytest.mark.parametrize(
+    "mode, momentum, research_code_steps", [("NSGD", 0.0, False), ("NSGD", 0.9, False), ("SGD", 0.0, False),
+                                            ("NSGD", 0.9, True), ("SGD", 0.0, True)]
+)
+def test_training_updates_never_wait_for_the_host(monkeypatch, mode, momentum, research_code_steps):
+    model = LinearRegression()
+    batches = regression_batches(12, 8, seed=6)
+    groups = [{"params": [model.linear.weight], "weight_decay": 1e-2}, {"params": [model.linear.bias]}]
+    optimizer = LabPal(groups, mode, momentum=momentum, research_code_steps=research_code_steps,
+                       **few_updates(measurement_interval=20, untrustworthy_updates=50, batch_size_schedule=((0, 2),)))
+    for inputs, targets in batches[:4]:  # the measurement
+        optimizer.step(make_batch_closure(model, nn.MSELoss(), inputs, targets))
+
+    def no_sync(*_):
+        raise AssertionError("a training update read a device value on the host")
+
+    for name in ("item", "tolist", "__float__", "__bool__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, no_sync)
+    for inputs, targets in batches[4:]:
+        optimizer.step(make_batch_closure(model, nn.MSELoss(), inputs, targets))
+    monkeypatch.undo()
+    assert optimizer.summary.updates == 5 and optimizer.summary.skipped_updates == 0
+
+
+def test_a_state_saved_before_weight_decay_and_the_effective_learning_rate_existed_still_loads():
+    theta, a, b, loss = quadratic_problem(seed=22)
+    optimizer = LabPal([theta], **few_updates())
+    run(optimizer, loss, 4)  # a measurement, then training
+    old = optimizer.state_dict()  # made to look like one saved by the previous version
+    for group in old["param_groups"]:
+        del group["weight_decay"], group["research_code_steps"]
+    for key in ("learning_rate", "effective_learning_rate", "research_origin_loss", "research_line_losses",
+                "last_measurement_step", "schedule_position", "research_step_cap", "line_penalty"):
+        del old["lab_pal"][key]
+    resumed_theta = nn.Parameter(theta.detach().clone())
+    resumed = LabPal([resumed_theta], **few_updates())
+    resumed.load_state_dict(old)
+    assert resumed.param_groups[0]["weight_decay"] == 0.0
+
+    run(optimizer, loss, 1)
+    resumed.step(lambda: 0.5 * resumed_theta @ a @ resumed_theta - b @ resumed_theta)
+    assert torch.equal(resumed_theta.detach(), theta.detach())
+    assert resumed.summary == optimizer.summary

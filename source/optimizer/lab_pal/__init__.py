@@ -1,7 +1,10 @@
 """LABPAL: the optimizer, its closure helper and its pure numerical pieces.
 
-``line_search_base`` holds what LABPAL and the baseline line searches share (one parameter
-group, buffers, events, argument checks); it is imported from its module, not exported here.
+Installed on its own as the package ``lab_pal`` (``pip install .``), it imports nothing but
+torch and its own modules. ``line_search_base`` holds what LABPAL and the baseline line
+searches share (buffers, events, argument checks), and ``research_code`` the research code's
+arithmetic behind ``LabPal(research_code_steps=True)``; both are imported from their modules,
+not exported here.
 """
 
 from .batch_schedule import (
