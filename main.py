@@ -12,10 +12,15 @@ file with a [comparison] section) trains each entry and seed as such a run insid
 <runs_folder>/<experiment name>/ and writes the results table and figures there. Both print where
 everything went.
 
+Several processes: ``torchrun --nproc_per_node=N main.py ...`` trains one run in N processes
+(source/training/distributed.py); rank 0 alone writes and prints the report.
+
 Exit status: 0 when the run (or comparison) finished or stopped after --stop-after-steps; 2 after
 one line on stderr about a problem with the input; 3 when the run diverged (a comparison: when
-every run diverged; otherwise its table marks the diverged ones); 130 and 143 when SIGINT (Ctrl-C)
-or SIGTERM stopped it, after saving its checkpoint (a second signal aborts at once, same status).
+every run diverged; otherwise its table marks the diverged ones); 4 when a process of a run in
+several processes died or stopped answering (the others stop; continue with --resume); 130 and
+143 when SIGINT (Ctrl-C) or SIGTERM stopped it, after saving its checkpoint (a second signal
+aborts at once, same status).
 """
 
 import argparse
@@ -28,6 +33,7 @@ from source.configuration import load_configuration
 from source.errors import UserError
 from source.plotting import PlottedRun, check_plot_folder, claim_plot_folder, legend_label, plot_runs
 from source.training import RunFolder, run_experiment
+from source.training.distributed import RankLost, ReportedElsewhere, from_environment
 from source.training.run_folder import check_writable_folder, configuration_to_resume
 
 DEFAULT_CONFIGURATION = "configuration_lab_pal.txt"
@@ -147,27 +153,46 @@ def _exit_status(stopped_by_signal, diverged):
 
 
 def run(arguments):
-    """Load the configuration, train (or resume), plot, and report; return the exit status."""
+    """Load the configuration, join the other processes (torchrun), train, plot, report; return the exit status."""
     configuration = load_configuration(arguments.config, arguments.overrides)
+    if arguments.resume and not configuration.is_comparison:
+        # A resumed run continues with the configuration saved in its folder.
+        configuration, ignored = configuration_to_resume(configuration)
+        if ignored:
+            print(ignored, flush=True)
+    experiment = configuration["experiment"]
+    with configuration.blame("experiment", "device"):
+        distributed = from_environment(experiment["device"], experiment["distributed_timeout_seconds"])
+    try:
+        with distributed.quiet_unless_main():
+            return _run(arguments, configuration, distributed)
+    finally:
+        distributed.shutdown()
+
+
+def _run(arguments, configuration, distributed):
     if configuration.is_comparison:
+        if distributed.is_distributed:
+            raise UserError(
+                f"{configuration.source} is a comparison, which runs in one process; start it without torchrun, "
+                "or train its entries one by one with torchrun as ordinary runs"
+            )
         outcome = run_comparison(configuration, resume=arguments.resume, stop_after_steps=arguments.stop_after_steps)
         _report_comparison(outcome)
         if outcome.diverged and not outcome.tested:
             print("error: every run of the comparison diverged; see results.md", file=sys.stderr)
         return _exit_status(outcome.stopped_by_signal, outcome.diverged and not outcome.tested)
-    if arguments.resume:
-        # A resumed run continues with the configuration saved in its folder.
-        configuration, ignored = configuration_to_resume(configuration)
-        if ignored:
-            print(ignored, flush=True)
     run_folder = RunFolder.of(configuration)
     plot_folder = Path(configuration["logging"]["plots_folder"]) / configuration["experiment"]["name"]
     with configuration.blame("logging", "plots_folder"):
         check_writable_folder(plot_folder)
         check_plot_folder(plot_folder, run_folder.path)
-    outcome = run_experiment(configuration, resume=arguments.resume, stop_after_steps=arguments.stop_after_steps)
+    outcome = run_experiment(
+        configuration, resume=arguments.resume, stop_after_steps=arguments.stop_after_steps, distributed=distributed
+    )
     plot_files = []
-    if run_folder.metrics_path.exists() and run_folder.metrics_path.stat().st_size:
+    has_metrics = run_folder.metrics_path.exists() and run_folder.metrics_path.stat().st_size
+    if distributed.is_main and has_metrics:
         claim_plot_folder(plot_folder, run_folder.path)
         plot_files = plot_runs(
             [PlottedRun(legend_label(configuration), run_folder.metrics_path)],
@@ -176,7 +201,7 @@ def run(arguments):
             model=configuration["model"]["name"],
         )
     _report(run_folder, plot_files, outcome)
-    if outcome.diverged:
+    if outcome.diverged and distributed.is_main:
         print(f"error: {outcome.diverged}", file=sys.stderr)
     return _exit_status(outcome.stopped_by_signal, outcome.diverged)
 
@@ -185,6 +210,11 @@ def main(argv=None):
     """Entry point: returns the exit status (see the module docstring)."""
     try:
         return run(parse_arguments(argv))
+    except ReportedElsewhere:
+        return USAGE_ERROR
+    except RankLost as error:
+        print(f"error: {error}", file=sys.stderr)
+        return RankLost.EXIT_STATUS
     except UserError as error:
         print(f"error: {' '.join(str(error).splitlines())}", file=sys.stderr)
         return USAGE_ERROR

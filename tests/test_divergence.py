@@ -57,8 +57,8 @@ def _inject(monkeypatch, extra):
     """Add ``extra(step)`` to the training loss of the run built next (SGD: one loss call per step)."""
     build = runner.build_experiment
 
-    def build_with_fault(configuration):
-        experiment = build(configuration)
+    def build_with_fault(configuration, distributed=None):
+        experiment = build(configuration, distributed)
         loss_function, model, calls = experiment.loss_function, experiment.model, itertools.count(1)
 
         def faulty_loss(outputs, targets, *arguments, **keywords):

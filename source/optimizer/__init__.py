@@ -49,7 +49,7 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 # Filled in from the model and the data, never by the user, for every class whose constructor
 # takes them: the model's buffers (restored after evaluations away from the iterate) and the
 # sizes behind LABPAL's noise adaptation factor and SLS's epoch length.
-_AUTOMATIC_ARGUMENTS = ("buffers", "training_set_size", "inference_batch_size")
+_AUTOMATIC_ARGUMENTS = ("buffers", "training_set_size", "inference_batch_size", "process_group")
 
 
 def accepted_arguments(name: str) -> list[str]:
@@ -69,11 +69,13 @@ def build_optimizer(
     *,
     training_set_size: int,
     inference_batch_size: int,
+    process_group=None,
 ) -> torch.optim.Optimizer:
     """Build optimizer ``name`` for ``model`` with the user's ``arguments``.
 
-    Classes that take them also get the model's buffers and the training-set and
-    inference-batch sizes. A problem with one argument (unknown, of the wrong type, or refused by
+    Classes that take them also get the model's buffers, the training-set and inference-batch
+    sizes and the ``process_group`` of a run in several processes. A line search that takes no
+    process group is refused in such a run: its processes would measure different lines. A problem with one argument (unknown, of the wrong type, or refused by
     the class) raises ``InvalidArgument`` naming it.
     """
     optimizer_class = _optimizer_class(name)
@@ -91,10 +93,19 @@ def build_optimizer(
     except InvalidArgument as error:
         raise InvalidArgument(error.argument, f"{error} (optimizer {name!r})") from None
     takes = inspect.signature(optimizer_class.__init__).parameters
+    is_line_search = hasattr(optimizer_class, "closure_loss")
+    if process_group is not None and is_line_search and "process_group" not in takes:
+        raise UserError(
+            f"optimizer {name!r} measures its line in one process only; run it without torchrun, "
+            "or use lab_pal or a torch.optim optimizer"
+        )
 
     def build(parameters, arguments, buffers):
         available = dict(
-            buffers=buffers, training_set_size=training_set_size, inference_batch_size=inference_batch_size
+            buffers=buffers,
+            training_set_size=training_set_size,
+            inference_batch_size=inference_batch_size,
+            process_group=process_group,
         )
         automatic = {argument: value for argument, value in available.items() if argument in takes}
         return optimizer_class(parameters, **arguments, **automatic)

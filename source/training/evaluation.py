@@ -47,15 +47,22 @@ class RunningMetrics:
         self.samples += batch
         self.values += targets.numel()
 
-    def result(self):
-        """Mean loss and accuracy (or RMSE in data units) of the batches added; {} when none."""
-        if not self.samples:
+    def result(self, distributed=None):
+        """Mean loss and accuracy (or RMSE in data units) of the batches added; {} when none.
+
+        With ``distributed`` (every process calls it) the sums of all processes are combined.
+        """
+        counts = torch.tensor([self.samples, self.values], dtype=torch.float64, device=self.device)
+        sums = torch.cat([self.loss_sum.view(1), self.quality_sum.view(1), counts])
+        if distributed is not None:
+            distributed.sum_tensors([sums])
+        loss_sum, quality_sum, samples, values = sums.tolist()
+        if not samples:
             return {}
         name, _ = quality_metric(self.task)
-        loss = self.loss_sum.item() / self.samples
         if self.task == "classification":
-            return {"loss": loss, name: self.quality_sum.item() / self.samples}
-        return {"loss": loss, name: math.sqrt(self.quality_sum.item() / self.values) * self.target_scale}
+            return {"loss": loss_sum / samples, name: quality_sum / samples}
+        return {"loss": loss_sum / samples, name: math.sqrt(quality_sum / values) * self.target_scale}
 
     def state_dict(self):
         """The sums, for a checkpoint taken in the middle of a window."""
@@ -74,12 +81,13 @@ class RunningMetrics:
         self.values = state["values"]
 
 
-def evaluate(network, model, batches, loss_function, metrics):
+def evaluate(network, model, batches, loss_function, metrics, distributed=None):
     """Mean loss and accuracy (or RMSE) of ``network`` over ``batches``, in eval mode, without gradients.
 
     ``network`` computes the outputs: ``model`` or its compiled wrapper. ``batches`` yields
     (inputs, targets) on the model's device. ``metrics`` is a ``RunningMetrics`` for the task; it is
-    reset first. The model's train/eval mode is restored afterwards.
+    reset first. The model's train/eval mode is restored afterwards. With ``distributed``, each
+    process evaluates its share and the result is over all of them.
     """
     was_training = model.training
     model.eval()
@@ -89,4 +97,4 @@ def evaluate(network, model, batches, loss_function, metrics):
             outputs = network(inputs)
             metrics.add(loss_function(outputs, targets), outputs, targets)
     model.train(was_training)
-    return metrics.result()
+    return metrics.result(distributed)

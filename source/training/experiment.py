@@ -12,12 +12,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from source.data import build_datasets, build_pipelines
 from source.errors import UserError
 from source.models import build_model
 from source.optimizer import LabPal, LineSearch, build_optimizer
 from source.training.losses import choose_loss
+from source.training.distributed import Distributed, check_batch_size, process_device
 from source.training.schedules import build_schedule
 
 __all__ = [
@@ -25,8 +28,8 @@ __all__ = [
     "AUTOMATIC_CHOICES",     "Experiment",
     "TrainingSettings",
     "build_experiment",
-    "resolve_device",
     "seed_generators",
+    "single_process",
 ]
 
 _PRESET = "preset"
@@ -63,12 +66,15 @@ class TrainingSettings:
 class Experiment:
     """Everything a training run needs, built and placed on its device.
 
-    ``model`` is the module whose state is saved; ``network`` is what forward passes call: the
-    model itself, or its ``torch.compile`` wrapper. ``data`` holds the training, validation and test
-    batches (source.data.DataPipelines).
+    ``model`` is the module whose state is saved; ``network`` is what training forward passes call:
+    the model itself, its DistributedDataParallel wrapper (plain optimizers in several processes),
+    or the ``torch.compile`` wrapper of either. Line searches always see the unwrapped model: they
+    make their own collectives. ``data`` holds this process's training, validation and test batches
+    (source.data.DataPipelines); ``distributed`` its place among the run's processes.
     """
 
     configuration: object
+    distributed: Distributed
     device: torch.device
     splits: object
     data: object
@@ -86,17 +92,10 @@ class Experiment:
         return isinstance(self.optimizer, LineSearch)
 
 
-def resolve_device(name):
-    """The torch device for the [experiment] device key: auto picks CUDA when present."""
-    if name == AUTOMATIC:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"{name} asked for, but this machine has no CUDA device; use cpu or auto")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"{name} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
+def single_process(configuration):
+    """The context of a run in this one process, on the device [experiment] device names."""
+    with configuration.blame("experiment", "device"):
+        return Distributed.single(process_device(configuration["experiment"]["device"], 0, 1))
 
 
 def seed_generators(seed):
@@ -141,25 +140,45 @@ def _resolve_autocast(configuration, device, optimizer):
     return torch.bfloat16 if choice == _BFLOAT16 else None
 
 
-def _compiled(configuration, model, optimizer):
-    """The model's forward pass for training: ``torch.compile``d when experiment.compile is true."""
+def _network(configuration, model, optimizer, distributed):
+    """What training forward passes call: DDP for plain optimizers in several processes, compiled
+    when experiment.compile is true."""
+    network = model
+    if distributed.is_distributed and not isinstance(optimizer, LineSearch):
+        device_ids = [distributed.device] if distributed.device.type == "cuda" else None
+        # Per-process BatchNorm statistics, as the issue of plain DDP; averaged before evaluations.
+        network = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
     if not configuration["experiment"]["compile"]:
-        return model
+        return network
     if not getattr(optimizer, "supports_compiled_model", True):
         raise UserError(
             f"{configuration.where('experiment', 'compile')}: {configuration['optimizer']['name']} computes "
             "per-sample gradients of the plain model, which a compiled model does not offer; set it to false"
         )
-    return torch.compile(model)
+    return torch.compile(network)
 
 
-def build_experiment(configuration):
+def _synchronised_batchnorm(configuration, model, distributed):
+    """The model with SyncBatchNorm when training.sync_batchnorm is true and there are several processes."""
+    if not configuration["training"]["sync_batchnorm"] or not distributed.is_distributed:
+        return model
+    if distributed.device.type != "cuda":
+        raise UserError(
+            f"{configuration.where('training', 'sync_batchnorm')}: SyncBatchNorm runs on GPUs only; "
+            "set it to false for processes on CPUs"
+        )
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def build_experiment(configuration, distributed=None):
     """Build the data splits, model, loss, optimizer and schedule that ``configuration`` describes.
 
-    The model is initialised after seeding with [experiment] seed, so a seed gives one model.
+    The model is initialised after seeding with [experiment] seed, so a seed gives one model;
+    in several processes (``distributed``) rank 0's initial weights are copied to the others.
+    Without ``distributed`` the experiment runs in this one process on [experiment] device.
     """
-    with configuration.blame("experiment", "device"):
-        device = resolve_device(configuration["experiment"]["device"])
+    distributed = distributed or single_process(configuration)
+    device = distributed.device
     cpu_threads = configuration["experiment"]["cpu_threads"]
     if cpu_threads != AUTOMATIC:
         torch.set_num_threads(cpu_threads)
@@ -169,6 +188,8 @@ def build_experiment(configuration):
     with configuration.blame("data"):
         splits = build_datasets(data["name"], data["root"], **_dataset_arguments(data))
     training = configuration["training"]
+    with configuration.blame("training", "batch_size"):
+        check_batch_size(training["batch_size"], distributed.world_size)
     steps_per_epoch = len(splits.train) // training["batch_size"]
     if steps_per_epoch == 0:
         raise UserError(
@@ -179,7 +200,8 @@ def build_experiment(configuration):
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     with configuration.blame("model", "name"):
         model = build_model(configuration["model"]["name"], splits.num_classes, splits.input_shape)
-    model = model.to(device, memory_format=memory_format)
+    model = _synchronised_batchnorm(configuration, model, distributed).to(device, memory_format=memory_format)
+    distributed.broadcast_tensors([*model.parameters(), *model.buffers()])
     with configuration.blame("training", "loss"):
         loss_function = choose_loss(training["loss"], splits.task)
     optimizer_section = configuration["optimizer"]
@@ -190,6 +212,7 @@ def build_experiment(configuration):
             dict(optimizer_section["arguments"]),
             training_set_size=len(splits.train),
             inference_batch_size=training["batch_size"],
+            process_group=dist.group.WORLD if distributed.is_distributed else None,
         )
     schedule_section = configuration["schedule"]
     with configuration.blame("schedule"):
@@ -197,7 +220,7 @@ def build_experiment(configuration):
             schedule_section["name"], optimizer, dict(schedule_section["arguments"]), training["training_steps"]
         )
     autocast = _resolve_autocast(configuration, device, optimizer)
-    network = _compiled(configuration, model, optimizer)
+    network = _network(configuration, model, optimizer, distributed)
     # Last: the device pipeline copies the data to the device, which is wasted on a refused configuration.
     with configuration.blame("data", "pipeline"):
         pipelines = build_pipelines(
@@ -209,6 +232,9 @@ def build_experiment(configuration):
             seed=seed,
             num_workers=data["num_workers"],
             memory_format=memory_format,
+            rank=distributed.rank,
+            world_size=distributed.world_size,
+            processes_on_node=distributed.local_world_size,
         )
     data["pipeline"] = pipelines.kind
     evaluate_every_steps = training["evaluate_every_steps"]
@@ -226,6 +252,7 @@ def build_experiment(configuration):
     )
     return Experiment(
         configuration=configuration,
+        distributed=distributed,
         device=device,
         splits=splits,
         data=pipelines,

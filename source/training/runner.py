@@ -17,7 +17,7 @@ from source.training.checkpoints import (
     remove_partial_files,
     save_atomically,
 )
-from source.training.experiment import build_experiment
+from source.training.experiment import build_experiment, single_process
 from source.training.run_folder import RunFolder
 from source.training.trainer import BEST_KEYS, RunOutcome, Trainer, say
 
@@ -175,21 +175,11 @@ def _diverged_outcome(checkpoint):
     )
 
 
-def run_experiment(configuration, *, resume=False, stop_after_steps=None):
-    """Train the experiment ``configuration`` describes in ``<runs_folder>/<name>``; return a ``RunOutcome``.
+def _prepare_folder(folder, experiment, configuration, resume):
+    """Check the checkpoints to resume from, repair and tidy the folder (or create it); return last.pt's state.
 
-    Everything is validated and built before a new run folder is created, and a new run that
-    fails before its first step removes its folder again. With ``resume`` the run continues from
-    its last checkpoint (or from step 0 if it has none yet); the checkpoints are checked first, and
-    temporary files of writes a kill interrupted are removed. A run that diverged already is not
-    trained again. ``stop_after_steps`` stops after that many steps, saving a checkpoint as if the
-    run had been interrupted.
+    Runs on rank 0 only: the one process that reads and writes the run folder.
     """
-    folder = RunFolder.of(configuration)
-    folder.check_can_start(configuration, resume)
-    experiment = build_experiment(configuration)
-    if experiment.data.note:
-        say(experiment.data.note)
     checkpoint, repairs = None, []
     if resume:
         checkpoint = _last_checkpoint(folder, experiment, repairs)
@@ -208,21 +198,44 @@ def run_experiment(configuration, *, resume=False, stop_after_steps=None):
     if checkpoint is not None:
         if checkpoint.get("diverged"):
             say(f"{folder.path} diverged already; nothing to train")
-            return _diverged_outcome(checkpoint)
-        say(f"resuming {folder.path} from step {checkpoint['step']}")
+        else:
+            say(f"resuming {folder.path} from step {checkpoint['step']}")
     elif resume:
         say(f"{folder.path} has no checkpoint yet: starting it again from step 0")
     if not resume:
         folder.create()
+    return checkpoint
+
+
+def run_experiment(configuration, *, resume=False, stop_after_steps=None, distributed=None):
+    """Train the experiment ``configuration`` describes in ``<runs_folder>/<name>``; return a ``RunOutcome``.
+
+    Everything is validated and built before a new run folder is created, and a new run that
+    fails before its first step removes its folder again. With ``resume`` the run continues from
+    its last checkpoint (or from step 0 if it has none yet); the checkpoints are checked first, and
+    temporary files of writes a kill interrupted are removed. A run that diverged already is not
+    trained again. ``stop_after_steps`` stops after that many steps, saving a checkpoint as if the
+    run had been interrupted. ``distributed`` is this process's place in a run of several
+    processes (torchrun); rank 0 alone checks, reads and writes the run folder and tells the others.
+    """
+    folder = RunFolder.of(configuration)
+    distributed = distributed or single_process(configuration)
+    distributed.on_main(lambda: folder.check_can_start(configuration, resume))
+    experiment = distributed.together(lambda: build_experiment(configuration, distributed))
+    if experiment.data.note:
+        say(experiment.data.note)
+    checkpoint = distributed.on_main(lambda: _prepare_folder(folder, experiment, configuration, resume))
+    if checkpoint is not None and checkpoint.get("diverged"):
+        return _diverged_outcome(checkpoint)
     trainer = None
     try:
-        trainer = Trainer(experiment, folder, checkpoint, resume=resume)
-        folder.write_configuration(configuration)
+        trainer = distributed.together(lambda: Trainer(experiment, folder, checkpoint, resume=resume))
+        distributed.on_main(lambda: folder.write_configuration(configuration))
         outcome = trainer.train(stop_after_steps)
     except BaseException:
         if trainer is not None:
             trainer.close()
-        if not resume and (trainer is None or trainer.steps_this_session == 0):
+        if distributed.is_main and not resume and (trainer is None or trainer.steps_this_session == 0):
             folder.remove()
         raise
     trainer.close()

@@ -19,6 +19,13 @@ intervals and their measurements and failures from ``take_events()`` after every
 torch.optim optimizers get zero_grad, forward, backward, step, and then the schedule steps once
 per training step; they make one forward and one backward pass per step.
 
+In several processes (torchrun) every process runs this loop on its share of each batch. Only
+rank 0 writes the metrics, event files and checkpoints and prints; training and evaluation
+metrics are summed across processes before they are logged; BatchNorm statistics are averaged
+before every evaluation and checkpoint; a stop request or a divergence on any process is agreed
+on at the next log interval, and a checkpoint is written only where LABPAL holds no partial
+sums of a training batch (``holds_partial_sums``), so every process resumes from rank 0's state.
+
 A run diverges when its training loss is not finite (or, with ``divergence_loss_factor``, above
 that factor times the first logged training loss) for ``divergence_steps`` consecutive steps; it
 then stops with a "diverged" record in metrics.jsonl, keeps its last good checkpoint and is not
@@ -159,6 +166,28 @@ def _format_metrics(metrics):
     return " ".join(f"{name} {value:.4f}" for name, value in metrics.items())
 
 
+class _NoLog:
+    """The metrics log of a process other than rank 0, which writes nothing."""
+
+    def __init__(self, *arguments, **options):
+        pass
+
+    def write(self, step, split, values, details=None):
+        pass
+
+    def write_event(self, step, event):
+        pass
+
+    def offset(self):
+        return 0
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
 class Trainer:
     """Trains one experiment in its run folder, from step 0 or from a checkpoint's state.
 
@@ -172,6 +201,7 @@ class Trainer:
         self.experiment = experiment
         self.run_folder = run_folder
         self.settings = settings = experiment.settings
+        self.distributed = experiment.distributed
         splits, device = experiment.splits, experiment.device
         # Training metrics since the last training record, and since the last evaluation.
         self.window = RunningMetrics(splits.task, splits.target_scale, device)
@@ -185,6 +215,8 @@ class Trainer:
         self.test = None
         self.elapsed_before = 0.0
         self.stop_requested = False
+        self.stop_agreed = False
+        self._evaluation_due = False
         self.stop_signal = None
         self.diverged = None
         self.divergence = DivergenceWatch(settings.divergence_steps, settings.divergence_loss_factor, device)
@@ -194,7 +226,7 @@ class Trainer:
             resume_offset, resume_step = checkpoint["metrics_offset"], checkpoint["step"]
             # Before the metrics file is cut to the checkpoint's offset, so a misfit changes nothing.
             self._restore(checkpoint, run_folder.last_checkpoint_path)
-        self.log = MetricsLog(
+        self.log = (MetricsLog if self.distributed.is_main else _NoLog)(
             run_folder.path,
             run_folder.metrics_path,
             tensorboard=settings.tensorboard,
@@ -239,7 +271,15 @@ class Trainer:
         return self.outcome()
 
     def _stopping(self):
-        return self.stop_requested or self.diverged is not None
+        if self.diverged is not None:
+            return True
+        if not self.distributed.is_distributed:
+            return self.stop_requested
+        return self.stop_agreed and self._can_checkpoint()
+
+    def _can_checkpoint(self):
+        """Whether a checkpoint now resumes every process: not inside LABPAL's partial sums of a batch."""
+        return not (self.distributed.is_distributed and getattr(self.experiment.optimizer, "holds_partial_sums", False))
 
     def _train_step(self, inputs, targets, key, bar):
         experiment, settings = self.experiment, self.settings
@@ -261,9 +301,14 @@ class Trainer:
             self._log_events(experiment.optimizer.take_events())
         if log_now:
             self._log_training(optimizer_values, bar)
+        if log_now and self.distributed.is_distributed:
+            self.stop_agreed = self.distributed.any_rank(self.stop_requested)
         if (log_now or evaluate_now) and self._check_divergence():
             return
-        if evaluate_now:
+        self._evaluation_due = self._evaluation_due or evaluate_now
+        last_step = self.step == settings.training_steps
+        if self._evaluation_due and (self._can_checkpoint() or last_step):
+            self._evaluation_due = False
             self._evaluate_and_checkpoint()
 
     def _optimize(self, inputs, targets, key):
@@ -275,12 +320,14 @@ class Trainer:
             closure = make_batch_closure(
                 network, loss_function, inputs, targets, experiment.device, batches=experiment.data.training, key=key
             )
-            loss = optimizer.step(closure)
+            with self.distributed.guard("taking a step"):
+                loss = optimizer.step(closure)
             return loss, closure.outputs
         optimizer.zero_grad(set_to_none=True)
         outputs = network(inputs)
         loss = experiment.loss_function(outputs, targets)
-        loss.backward()
+        with self.distributed.guard("taking a step"):
+            loss.backward()
         optimizer.step()
         return loss.detach(), outputs.detach()
 
@@ -311,7 +358,7 @@ class Trainer:
         }
 
     def _log_training(self, optimizer_values, bar):
-        metrics = self.window.result()
+        metrics = self.window.result(self.distributed)
         self.window.reset()
         self.log.write(self.step, "training", {**metrics, **optimizer_values})
         self.divergence.set_reference(metrics["loss"])
@@ -332,7 +379,7 @@ class Trainer:
         self.log.write(
             self.step, "validation", validation, {"epoch": round(epoch, 4), "elapsed_seconds": round(elapsed, 3)}
         )
-        training = self.interval.result()
+        training = self.interval.result(self.distributed)
         self.interval.reset()
         learning_rate = self._optimizer_values(self.step)["learning_rate"]
         say(
@@ -343,21 +390,30 @@ class Trainer:
         if self._is_better(validation):
             previous_best, self.best = self.best, {"step": self.step, "validation": validation}
             # last.pt first: killed before best.pt is written, a resume rebuilds best.pt from it.
-            if self._save_last_checkpoint():
+            if not self._save_last_checkpoint():
+                self.best = previous_best
+            elif self.distributed.is_main:
                 save_checkpoint(
                     {"step": self.step, "model": experiment.model.state_dict(), "validation": validation},
                     self.run_folder.best_checkpoint_path,
                 )
-            else:
-                self.best = previous_best
         else:
             self._save_last_checkpoint()
         self.log.flush()
 
     def _evaluate(self, batches):
         experiment = self.experiment
+        self._average_buffers()
         with self._autocast():
-            return evaluate(experiment.network, experiment.model, batches, experiment.loss_function, self.evaluation)
+            return evaluate(
+                experiment.network, experiment.model, batches, experiment.loss_function, self.evaluation,
+                self.distributed,
+            )
+
+    def _average_buffers(self):
+        """Every process's BatchNorm statistics replaced by their mean, so all evaluate and save one model."""
+        buffers = [buffer for buffer in self.experiment.model.buffers() if buffer.is_floating_point()]
+        self.distributed.mean_tensors(buffers)
 
     def _is_better(self, validation):
         """Better validation accuracy (lower RMSE); on a tie, lower validation loss. Never a non-finite result."""
@@ -377,7 +433,7 @@ class Trainer:
             self._stop_diverged(self.step, "no evaluation gave a finite validation loss and metric")
             return
         path = self.run_folder.best_checkpoint_path
-        best = read_checkpoint(path, BEST_KEYS)
+        best = self.distributed.on_main(lambda: read_checkpoint(path, BEST_KEYS))
         if best["step"] != self.best["step"]:
             raise UserError(
                 f"cannot use the checkpoint {path}: it holds step {best['step']}, not the best step {self.best['step']}"
@@ -401,20 +457,27 @@ class Trainer:
             f"(best validation {self.quality} {best['validation'][self.quality]:.4f})"
         )
         # Put the final weights back and record that the run is complete.
-        last = read_checkpoint(self.run_folder.last_checkpoint_path)
+        last = self.distributed.on_main(lambda: read_checkpoint(self.run_folder.last_checkpoint_path))
         load_model_state(experiment.model, last["model"], self.run_folder.last_checkpoint_path)
         self.finished = True
         last.update(finished=True, test=self.test, metrics_offset=self.log.offset())
-        save_checkpoint(last, self.run_folder.last_checkpoint_path)
+        if self.distributed.is_main:
+            save_checkpoint(last, self.run_folder.last_checkpoint_path)
 
     # ------------------------------------------------------------------ divergence
 
     def _check_divergence(self):
-        """Stop the run if the training loss has diverged (reads the device); return whether it has."""
+        """Stop the run if the training loss has diverged on any process (reads the device); return whether it has."""
         step = self.divergence.diverged_step()
-        if step is not None:
-            self._stop_diverged(step, self.divergence.reason(step))
-        return step is not None
+        found = (step, self.divergence.reason(step)) if step is not None else None
+        if self.distributed.is_distributed:
+            reports = self.distributed.gather_objects(found)
+            rank, found = next(((rank, report) for rank, report in enumerate(reports) if report), (None, None))
+            if found is not None:
+                found = (found[0], f"{found[1]} (process {rank})")
+        if found is not None:
+            self._stop_diverged(*found)
+        return found is not None
 
     def _advice(self):
         if self.experiment.is_line_search:
@@ -435,6 +498,8 @@ class Trainer:
         self.log.flush()
         say(message)
         path = self.run_folder.last_checkpoint_path
+        if not self.distributed.is_main:
+            return
         if not path.exists():
             say("no checkpoint was saved before the divergence")
             return
@@ -449,6 +514,7 @@ class Trainer:
         """Save last.pt and return True; a model with a non-finite parameter or buffer is never
         saved: the run diverged (False)."""
         experiment = self.experiment
+        self._average_buffers()
         model_state = experiment.model.state_dict()
         name = non_finite_entry(model_state)
         if name is not None:
@@ -468,8 +534,11 @@ class Trainer:
             "elapsed_seconds": self._elapsed(),
             "finished": self.finished,
             "test": self.test,
+            # Rank 0's state holds only its own partial sums; resumable in one process at most.
+            "partial_sums_of_processes": self.distributed.world_size if not self._can_checkpoint() else None,
         }
-        save_checkpoint(state, self.run_folder.last_checkpoint_path)
+        if self.distributed.is_main:
+            save_checkpoint(state, self.run_folder.last_checkpoint_path)
         self._checkpointed_step = self.step
         return True
 
@@ -490,6 +559,12 @@ class Trainer:
         except (KeyError, ValueError, TypeError, RuntimeError, AttributeError, IndexError) as error:
             detail = " ".join(str(error).split())[:100] or type(error).__name__
             raise UserError(f"cannot use the checkpoint {path}: it does not fit this run ({detail})") from None
+        if checkpoint.get("partial_sums_of_processes") and self.distributed.is_distributed:
+            raise UserError(
+                f"cannot continue {path} in several processes: its {checkpoint['partial_sums_of_processes']} "
+                "processes stopped inside a LABPAL training batch, whose partial sums only process 0 saved; "
+                "continue it in one process"
+            )
         self.step = checkpoint["step"]
         self.best = checkpoint["best"]
         self.elapsed_before = checkpoint["elapsed_seconds"]
@@ -525,7 +600,7 @@ class Trainer:
             unit="step",
             dynamic_ncols=True,
             # Carriage-return frames only make sense on a terminal, not in piped or batch-system logs.
-            disable=not (self.settings.progress_bar and sys.stderr.isatty()),
+            disable=not (self.settings.progress_bar and self.distributed.is_main and sys.stderr.isatty()),
             file=sys.stderr,
         )
 

@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from .batch_schedule import (
     PAPER_BATCH_SIZE_SCHEDULE,
@@ -113,6 +114,28 @@ class LabPal(LineSearchBase):
        effect at the first update boundary at or after its step and starts a
        new measurement.
 
+    **Several processes** (``process_group``, e.g. ``torch.distributed.group.WORLD``
+    under torchrun): every process takes an equal share of each inference batch
+    (``inference_batch_size`` stays the global b) and all follow the mean over the
+    global batch in lock-step, through exactly these all-reduces (sums, divided by
+    the number of processes W), each of one flat buffer:
+
+    - one per update: the training batch's gradient sum with its loss sum;
+    - one per measurement, when its k direction batches are in: their gradient sums;
+    - one per measurement whose direction was usable, at its end: the three line-loss sums.
+
+    So every process fits the same parabola and applies the same update: parameters,
+    learning rates, counters and events agree exactly, and a non-finite value on any
+    process skips that update (or fails that measurement) on all of them. Closures
+    evaluate the unwrapped model (``ddp_model.module``): line evaluations and the
+    backward passes LABPAL makes itself then make no collective of
+    DistributedDataParallel's. Every process must call ``step`` equally often, with
+    gradients for the same parameters. ``step`` returns this process's own batch loss.
+    Between update boundaries (:attr:`holds_partial_sums`) each process holds sums of
+    its own share, so a state saved by one process resumes all of them exactly only
+    when saved at a boundary. ``process_group=None`` (the default) or a group of one
+    process makes no collective; ``research_code_steps`` is refused with several.
+
     Weight decay enters as in ``torch.optim.SGD``: it is the L2 term
     ``weight_decay/2 · ‖θ‖²`` of the objective, so it is added to the gradient of
     the direction and of every update, and to the line losses, so that the
@@ -194,6 +217,7 @@ class LabPal(LineSearchBase):
         inference_batch_size: int = REFERENCE_INFERENCE_BATCH_SIZE,
         research_code_steps: bool = False,
         buffers: Iterable[torch.Tensor] | None = None,
+        process_group: "dist.ProcessGroup | None" = None,
     ):
         if mode not in ("NSGD", "SGD"):
             raise ValueError(f"Invalid mode: {mode!r}; valid modes are 'NSGD' and 'SGD'")
@@ -213,6 +237,12 @@ class LabPal(LineSearchBase):
         require_integer(training_set_size, "training_set_size", 1)
         require_integer(inference_batch_size, "inference_batch_size", 1)
         require(isinstance(research_code_steps, bool), "research_code_steps", research_code_steps, "True or False")
+        processes = _process_count(process_group)
+        if research_code_steps and processes > 1:
+            raise ValueError(
+                f"Invalid research_code_steps: True with a process group of {processes} processes; the research "
+                "code's arithmetic runs in one process only; use research_code_steps=False (or one process)"
+            )
         defaults = dict(
             lr=0.0,
             mode=mode,
@@ -238,6 +268,9 @@ class LabPal(LineSearchBase):
             for name in RESEARCH_CODE_FLOAT32_SETTINGS:
                 defaults[name] = _float32(defaults[name])
         super().__init__(params, defaults, buffers)
+        # Not in defaults: a process group is no setting of the state and cannot be saved.
+        self._process_group = process_group if processes > 1 else None
+        self._processes = processes
         self._pending_closures = []
         self._saved_pending_batches = []  # from load_state_dict, rebound to the next closure's model
         self._progress = _initial_progress(defaults)
@@ -321,6 +354,15 @@ class LabPal(LineSearchBase):
         first successful measurement. Reading it as a float waits for the device.
         """
         return self._progress["effective_learning_rate"]
+
+    @property
+    def holds_partial_sums(self) -> bool:
+        """Whether a training batch or measurement is partly gathered (between update boundaries).
+
+        With several processes each then holds the sums of its own share, so a state saved now by
+        one process would not resume the others exactly; at a boundary all hold the same state.
+        """
+        return not self._at_update_boundary()
 
     @property
     def summary(self) -> LabPalSummary:
@@ -428,7 +470,10 @@ class LabPal(LineSearchBase):
 
     @torch.no_grad()
     def step(self, closure) -> torch.Tensor:
-        """Consume one inference batch through ``closure``; return its loss at the current parameters."""
+        """Consume one inference batch through ``closure``; return its loss at the current parameters.
+
+        With a process group, the loss of this process's share of the batch (not averaged over processes).
+        """
         self._require_closure(closure)
         self._refuse_learning_rate_controllers()
         progress = self._progress
@@ -566,7 +611,13 @@ class LabPal(LineSearchBase):
         if progress["training_batches"] < multiplier:
             return loss
         progress["training_batches"] = 0
-        self._update_parameters(params_with_grad, gradients, loss_sum, 1.0 / multiplier)
+        if self._processes > 1:
+            # A copy: with k = 1 the loss sum is the loss that step returns, which stays this process's own.
+            loss_sum = loss_sum.to(dtype=gradients[0].dtype, copy=True)
+            self._sum_over_processes([*gradients, loss_sum])
+            # This process's own sum, used up: at the update boundary all processes hold the same state.
+            progress["training_loss_sum"] = None
+        self._update_parameters(params_with_grad, gradients, loss_sum, 1.0 / (multiplier * self._processes))
         progress["updates"] += 1
         return loss
 
@@ -754,7 +805,8 @@ class LabPal(LineSearchBase):
         directions = [self._state_tensor(p, "direction") for p in params]
         research_code = group["research_code_steps"]
         if not research_code:  # the research code keeps a running mean instead
-            torch._foreach_mul_(directions, 1.0 / multiplier)
+            self._sum_over_processes(directions)
+            torch._foreach_mul_(directions, 1.0 / (multiplier * self._processes))
         with_gradient = [(p, d) for p, d in zip(params, directions) if p.grad is not None]
         self._add_weight_decay([p for p, _ in with_gradient], [d for _, d in with_gradient])
         mean_gradient = [d.clone() for d in directions] if momentum > 0 else directions
@@ -820,7 +872,8 @@ class LabPal(LineSearchBase):
         if research_code:
             mean_losses = [progress["research_origin_loss"].item(), *map(numpy_mean, progress["research_line_losses"])]
         else:
-            mean_losses = (progress["line_losses"] / progress["measurement_batches"]).tolist()
+            self._sum_over_processes([progress["line_losses"]])
+            mean_losses = (progress["line_losses"] / (progress["measurement_batches"] * self._processes)).tolist()
         losses = [
             loss + decay_offset - decay_slope * x + decay_curvature * x * x for loss, x in zip(mean_losses, positions)
         ]
@@ -965,6 +1018,15 @@ class LabPal(LineSearchBase):
 
     # ------------------------------------------------------------------ helpers
 
+    def _sum_over_processes(self, tensors: list[torch.Tensor]) -> None:
+        """Replace ``tensors`` (one dtype and device) by their sums over the process group, in one all-reduce."""
+        if self._processes == 1:
+            return
+        flat = torch.cat([tensor.reshape(-1) for tensor in tensors])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self._process_group)
+        sums = flat.split([tensor.numel() for tensor in tensors])
+        torch._foreach_copy_(tensors, [total.view_as(tensor) for total, tensor in zip(sums, tensors)])
+
     def _count_skipped(self, found_non_finite: torch.Tensor) -> None:
         if self._skipped_updates is None:
             self._skipped_updates = torch.zeros((), device=found_non_finite.device, dtype=torch.float32)
@@ -1005,6 +1067,20 @@ def _initial_progress(settings: dict) -> dict:
         schedule_position=0,
         research_step_cap=settings["max_step"],
     )
+
+
+def _process_count(process_group) -> int:
+    """How many processes ``process_group`` joins; 1 for None."""
+    if process_group is None:
+        return 1
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(
+            f"Invalid process_group: {process_group!r} while torch.distributed is not initialised; call "
+            "torch.distributed.init_process_group first (torchrun's processes), or pass process_group=None"
+        )
+    processes = dist.get_world_size(process_group)
+    require(processes >= 1, "process_group", process_group, "a group this process belongs to")
+    return processes
 
 
 def _mean(values: list[float]) -> float:
