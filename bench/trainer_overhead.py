@@ -26,7 +26,6 @@ import sys
 import tempfile
 import time
 
-import torch
 
 REPOSITORY = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPOSITORY))

@@ -275,3 +275,22 @@ def main_in_rank_dying(_, argv, rank_to_die, after_steps):
         trainer.Trainer._train_step = dying_step
     return main.main(argv)
 
+
+
+def main_in_rank_signalled(_, argv, rank_to_signal, after_steps):
+    """``main.main(argv)``, but rank ``rank_to_signal`` gets SIGTERM after ``after_steps`` steps."""
+    import signal
+
+    import main
+    from source.training import trainer
+
+    if int(os.environ["RANK"]) == rank_to_signal:
+        train_step = trainer.Trainer._train_step
+
+        def signalled_step(self, *arguments):
+            if self.step == after_steps:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return train_step(self, *arguments)
+
+        trainer.Trainer._train_step = signalled_step
+    return main.main(argv)

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from tests import distributed_workers as workers
 from tests.tiny_run import set_options, workspace  # noqa: F401 (a fixture)
@@ -104,3 +105,27 @@ def test_a_dead_process_stops_the_others_with_a_clear_message_and_the_run_resume
     assert _statuses(resumed) == [0, 0], resumed[0].stderr[-2000:]
     assert "resuming runs/tiny from step 10" in resumed[0].stdout
     assert [r["step"] for r in _records(folder) if r["split"] == "test"] == [24]
+
+
+def test_a_signal_to_one_process_stops_all_at_the_next_log_interval(workspace):
+    results = workers.run_ranks(
+        workers.main_in_rank_signalled, 2, args=(ARGUMENTS, 1, 5), joins=False, deadline_seconds=240
+    )
+    assert [result.value for result in results] == [0, 143], results[1].stderr[-2000:]
+    # Agreed at the log interval of step 8; the checkpoint waits until LABPAL's first measurement,
+    # which spans steps 1-10, holds no partial sums of the processes' shares.
+    assert "stopped at step 10 of 24; continue with --resume" in results[0].stdout
+    checkpoint = torch.load(workspace / "runs" / "tiny" / "last.pt", weights_only=True)
+    assert checkpoint["step"] == 10
+
+
+def test_a_run_of_two_processes_resumes_in_one(workspace):
+    results = workers.run_ranks(
+        workers.main_in_rank, 2, args=([*ARGUMENTS, "--stop-after-steps", "12"],), joins=False, deadline_seconds=240
+    )
+    assert _statuses(results) == [0, 0]
+    resumed = workers.run_ranks(workers.main_in_rank, 1, args=([*ARGUMENTS, "--resume"],), joins=False,
+                                deadline_seconds=240)
+    assert _statuses(resumed) == [0]
+    assert "resuming runs/tiny from step 12" in resumed[0].stdout
+    assert [r["step"] for r in _records(workspace / "runs" / "tiny") if r["split"] == "test"] == [24]
