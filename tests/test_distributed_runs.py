@@ -129,3 +129,22 @@ def test_a_run_of_two_processes_resumes_in_one(workspace):
     assert _statuses(resumed) == [0]
     assert "resuming runs/tiny from step 12" in resumed[0].stdout
     assert [r["step"] for r in _records(workspace / "runs" / "tiny") if r["split"] == "test"] == [24]
+
+
+def test_two_processes_resume_exactly(workspace):
+    def run(name, *extra):
+        arguments = [*ARGUMENTS, *set_options(f"experiment.name={name}"), *extra]
+        results = workers.run_ranks(workers.main_in_rank, 2, args=(arguments,), joins=False, deadline_seconds=240)
+        assert _statuses(results) == [0, 0], results[0].stderr[-2000:]
+
+    run("whole")
+    run("pieces", "--stop-after-steps", "12")
+    run("pieces", "--resume")
+
+    def without_times(name):
+        return [{k: v for k, v in record.items() if k != "elapsed_seconds"} for record in _records(workspace / "runs" / name)]
+
+    assert without_times("whole") == without_times("pieces")
+    whole, pieces = (torch.load(workspace / "runs" / name / "last.pt", weights_only=True) for name in ("whole", "pieces"))
+    for name, tensor in whole["model"].items():
+        assert torch.equal(tensor, pieces["model"][name]), name

@@ -263,7 +263,7 @@ class Trainer:
         # The steps since the last log interval or evaluation may have diverged too.
         if self.diverged is None and not self._check_divergence():
             if self.step < total:
-                if self._checkpointed_step == self.step or self._save_last_checkpoint():
+                if self._checkpointed_step == self.step or self._save_last_checkpoint() is not None:
                     say(f"stopped at step {self.step} of {total}; continue with --resume")
             else:
                 self._test_best_checkpoint()
@@ -390,11 +390,12 @@ class Trainer:
         if self._is_better(validation):
             previous_best, self.best = self.best, {"step": self.step, "validation": validation}
             # last.pt first: killed before best.pt is written, a resume rebuilds best.pt from it.
-            if not self._save_last_checkpoint():
+            model_state = self._save_last_checkpoint()
+            if model_state is None:
                 self.best = previous_best
             elif self.distributed.is_main:
                 save_checkpoint(
-                    {"step": self.step, "model": experiment.model.state_dict(), "validation": validation},
+                    {"step": self.step, "model": model_state, "validation": validation},
                     self.run_folder.best_checkpoint_path,
                 )
         else:
@@ -403,17 +404,28 @@ class Trainer:
 
     def _evaluate(self, batches):
         experiment = self.experiment
-        self._average_buffers()
-        with self._autocast():
+        with self._averaged_buffers(), self._autocast():
             return evaluate(
                 experiment.network, experiment.model, batches, experiment.loss_function, self.evaluation,
                 self.distributed,
             )
 
-    def _average_buffers(self):
-        """Every process's BatchNorm statistics replaced by their mean, so all evaluate and save one model."""
-        buffers = [buffer for buffer in self.experiment.model.buffers() if buffer.is_floating_point()]
+    def _floating_buffers(self):
+        return [buffer for buffer in self.experiment.model.buffers() if buffer.is_floating_point()]
+
+    @contextlib.contextmanager
+    def _averaged_buffers(self):
+        """Inside, every process holds the mean of the processes' BatchNorm statistics, so all evaluate
+        and save one model; afterwards each its own again, so training goes on as if nothing happened.
+        Yields this process's own buffers."""
+        buffers = self._floating_buffers()
+        own = [buffer.clone() for buffer in buffers]
         self.distributed.mean_tensors(buffers)
+        try:
+            yield own
+        finally:
+            for buffer, saved in zip(buffers, own):
+                buffer.copy_(saved)
 
     def _is_better(self, validation):
         """Better validation accuracy (lower RMSE); on a tie, lower validation loss. Never a non-finite result."""
@@ -511,15 +523,22 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def _save_last_checkpoint(self):
-        """Save last.pt and return True; a model with a non-finite parameter or buffer is never
-        saved: the run diverged (False)."""
+        """Save last.pt and return the model state it holds; a model with a non-finite parameter or
+        buffer is never saved: the run diverged (None).
+
+        In several processes the model state holds the mean of their BatchNorm statistics, and the
+        checkpoint each process's own, which a resume on as many processes restores.
+        """
         experiment = self.experiment
-        self._average_buffers()
-        model_state = experiment.model.state_dict()
+        with self._averaged_buffers() as own_buffers:
+            model_state = {name: tensor.clone() for name, tensor in experiment.model.state_dict().items()}
         name = non_finite_entry(model_state)
         if name is not None:
             self._stop_diverged(self.step, f"the model's {name} is not finite")
-            return False
+            return None
+        process_buffers = None
+        if self.distributed.is_distributed:
+            process_buffers = self.distributed.gather_objects([buffer.cpu() for buffer in own_buffers])
         state = {
             "step": self.step,
             "model": model_state,
@@ -536,11 +555,12 @@ class Trainer:
             "test": self.test,
             # Rank 0's state holds only its own partial sums; resumable in one process at most.
             "partial_sums_of_processes": self.distributed.world_size if not self._can_checkpoint() else None,
+            "process_buffers": process_buffers,
         }
         if self.distributed.is_main:
             save_checkpoint(state, self.run_folder.last_checkpoint_path)
         self._checkpointed_step = self.step
-        return True
+        return model_state
 
     def _restore(self, checkpoint, path):
         """Take over the checkpoint's state; ``UserError`` naming ``path`` when it does not fit this run."""
@@ -559,6 +579,11 @@ class Trainer:
         except (KeyError, ValueError, TypeError, RuntimeError, AttributeError, IndexError) as error:
             detail = " ".join(str(error).split())[:100] or type(error).__name__
             raise UserError(f"cannot use the checkpoint {path}: it does not fit this run ({detail})") from None
+        process_buffers = checkpoint.get("process_buffers")
+        if process_buffers is not None and len(process_buffers) == self.distributed.world_size:
+            # The same processes: each continues with its own statistics; otherwise with their mean.
+            for buffer, saved in zip(self._floating_buffers(), process_buffers[self.distributed.rank]):
+                buffer.copy_(saved)
         if checkpoint.get("partial_sums_of_processes") and self.distributed.is_distributed:
             raise UserError(
                 f"cannot continue {path} in several processes: its {checkpoint['partial_sums_of_processes']} "
