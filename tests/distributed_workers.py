@@ -294,3 +294,19 @@ def main_in_rank_signalled(_, argv, rank_to_signal, after_steps):
 
         trainer.Trainer._train_step = signalled_step
     return main.main(argv)
+
+
+def main_in_rank_diverging(_, argv, rank_to_diverge, after_steps):
+    """``main.main(argv)``, but the training loss of rank ``rank_to_diverge`` is infinite from ``after_steps`` on."""
+    import main
+    from source.training import trainer
+
+    if int(os.environ["RANK"]) == rank_to_diverge:
+        optimize = trainer.Trainer._optimize
+
+        def diverging(self, *arguments):
+            loss, outputs = optimize(self, *arguments)
+            return (loss * float("inf") if self.step >= after_steps else loss), outputs
+
+        trainer.Trainer._optimize = diverging
+    return main.main(argv)

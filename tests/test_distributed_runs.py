@@ -148,3 +148,13 @@ def test_two_processes_resume_exactly(workspace):
     whole, pieces = (torch.load(workspace / "runs" / name / "last.pt", weights_only=True) for name in ("whole", "pieces"))
     for name, tensor in whole["model"].items():
         assert torch.equal(tensor, pieces["model"][name]), name
+
+
+def test_a_divergence_on_one_process_stops_all(workspace):
+    results = workers.run_ranks(
+        workers.main_in_rank_diverging, 2, args=(ARGUMENTS, 1, 3), joins=False, deadline_seconds=240
+    )
+    assert _statuses(results) == [3, 3], results[0].stderr[-2000:]
+    (diverged,) = [r for r in _records(workspace / "runs" / "tiny") if r["split"] == "diverged"]
+    assert diverged["step"] == 13 and "(process 1)" in diverged["reason"]
+    assert "training diverged at step 13" in results[0].stderr
