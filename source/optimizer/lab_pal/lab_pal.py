@@ -563,27 +563,17 @@ class LabPal(LineSearchBase):
 
     # ------------------------------------------------------------------ closures
 
-    def _loss_with_gradient(self, closure, counters: dict) -> torch.Tensor:
-        """The closure's loss (detached) with its gradient in ``.grad``; refuses closures that call backward."""
-        self.zero_grad(set_to_none=True)
-        with torch.enable_grad():
-            loss = _call_forward_only(closure)
-            # Gradients were set to None above: any now present come from a backward inside the closure.
-            if any(p.grad is not None for p in self._params()):
-                raise ValueError(_backward_closure_message("it called backward itself"))
-            if not isinstance(loss, torch.Tensor):
-                raise ValueError(_backward_closure_message(f"it returned a {type(loss).__name__}"))
-            if not loss.requires_grad:
-                raise ValueError(_backward_closure_message("it returned a loss without a graph (detached)"))
-            if loss.dim() != 0:
-                raise ValueError(
-                    f"Invalid closure: it returned a loss of shape {tuple(loss.shape)}; LabPal needs the batch's "
-                    "mean loss, a 0-dim tensor"
-                )
-            loss.backward()
-        counters["forward_passes"] += 1
-        counters["backward_passes"] += 1
-        return loss.detach()
+    def _closure_loss(self, closure) -> torch.Tensor:
+        """The closure's loss with its graph; refuses closures that call backward or return no graph."""
+        loss = _call_forward_only(closure)
+        # Gradients were set to None before: any now present come from a backward inside the closure.
+        if any(p.grad is not None for p in self._params()):
+            raise ValueError(_backward_closure_message("it called backward itself"))
+        if not isinstance(loss, torch.Tensor):
+            raise ValueError(_backward_closure_message(f"it returned a {type(loss).__name__}"))
+        if not loss.requires_grad:
+            raise ValueError(_backward_closure_message("it returned a loss without a graph (detached)"))
+        return loss
 
     # ------------------------------------------------------------------ training phase
 

@@ -91,7 +91,7 @@ class LineSearchBase(Optimizer):
         """The closure's loss (detached) with its gradient in ``.grad``; counts the passes in ``counters``."""
         self.zero_grad(set_to_none=True)
         with torch.enable_grad():
-            loss = closure()
+            loss = self._closure_loss(closure)
             if loss.dim() != 0:
                 raise ValueError(
                     f"Invalid closure: it returned a loss of shape {tuple(loss.shape)}; {type(self).__name__} "
@@ -101,6 +101,10 @@ class LineSearchBase(Optimizer):
         counters["forward_passes"] += 1
         counters["backward_passes"] += 1
         return loss.detach()
+
+    def _closure_loss(self, closure) -> torch.Tensor:
+        """The closure's loss, before its gradient is taken; a subclass checks here how the closure behaved."""
+        return closure()
 
     def _save_buffers(self) -> list[torch.Tensor]:
         return [buffer.clone() for buffer in self._buffers]
