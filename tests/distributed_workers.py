@@ -259,54 +259,53 @@ def main_in_rank(_, argv):
     return main.main(argv)
 
 
-def main_in_rank_dying(_, argv, rank_to_die, after_steps):
-    """``main.main(argv)``, but rank ``rank_to_die`` dies without a word after ``after_steps`` steps."""
+def _main_with_replaced_method(argv, rank, method, replacement):
+    """``main.main(argv)``, with ``Trainer.<method>`` replaced by ``replacement(original)`` on rank ``rank``."""
     import main
     from source.training import trainer
 
-    if int(os.environ["RANK"]) == rank_to_die:
-        train_step = trainer.Trainer._train_step
+    if int(os.environ["RANK"]) == rank:
+        setattr(trainer.Trainer, method, replacement(getattr(trainer.Trainer, method)))
+    return main.main(argv)
 
-        def dying_step(self, *arguments):
+
+def main_in_rank_dying(_, argv, rank_to_die, after_steps):
+    """``main.main(argv)``, but rank ``rank_to_die`` dies without a word after ``after_steps`` steps."""
+
+    def dying(train_step):
+        def step(self, *arguments):
             if self.step == after_steps:
                 os._exit(9)
             return train_step(self, *arguments)
 
-        trainer.Trainer._train_step = dying_step
-    return main.main(argv)
+        return step
 
+    return _main_with_replaced_method(argv, rank_to_die, "_train_step", dying)
 
 
 def main_in_rank_signalled(_, argv, rank_to_signal, after_steps):
     """``main.main(argv)``, but rank ``rank_to_signal`` gets SIGTERM after ``after_steps`` steps."""
     import signal
 
-    import main
-    from source.training import trainer
-
-    if int(os.environ["RANK"]) == rank_to_signal:
-        train_step = trainer.Trainer._train_step
-
-        def signalled_step(self, *arguments):
+    def signalled(train_step):
+        def step(self, *arguments):
             if self.step == after_steps:
                 os.kill(os.getpid(), signal.SIGTERM)
             return train_step(self, *arguments)
 
-        trainer.Trainer._train_step = signalled_step
-    return main.main(argv)
+        return step
+
+    return _main_with_replaced_method(argv, rank_to_signal, "_train_step", signalled)
 
 
 def main_in_rank_diverging(_, argv, rank_to_diverge, after_steps):
     """``main.main(argv)``, but the training loss of rank ``rank_to_diverge`` is infinite from ``after_steps`` on."""
-    import main
-    from source.training import trainer
 
-    if int(os.environ["RANK"]) == rank_to_diverge:
-        optimize = trainer.Trainer._optimize
-
-        def diverging(self, *arguments):
+    def diverging(optimize):
+        def step(self, *arguments):
             loss, outputs = optimize(self, *arguments)
             return (loss * float("inf") if self.step >= after_steps else loss), outputs
 
-        trainer.Trainer._optimize = diverging
-    return main.main(argv)
+        return step
+
+    return _main_with_replaced_method(argv, rank_to_diverge, "_optimize", diverging)

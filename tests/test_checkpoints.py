@@ -21,33 +21,14 @@ from source.configuration import load_configuration
 from source.plotting import read_metrics
 from source.training import RunFolder, run_experiment, trainer
 from source.training.checkpoints import load_checkpoint, previous_path, save_atomically
+from tests.tiny_run import tiny_with
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 
-# 1,150 digits training images / 32 = 35 steps per epoch; evaluations at 10, 20, 24.
-TINY = """\
-[experiment]
-name = tiny
-device = cpu
-cpu_threads = 1
-[data]
-name = digits
-[model]
-name = small_cnn
-[optimizer]
-name = sgd
-    [[arguments]]
-    lr = 0.05
-    momentum = 0.9
-[training]
-training_steps = 24
-batch_size = 32
-evaluate_every_steps = 10
-[logging]
-progress_bar = false
-log_every_steps = 5
-tensorboard = false
-"""
+# The tiny digits run with SGD: 35 steps per epoch; evaluations at 10, 20, 24.
+TINY = tiny_with(
+    {"optimizer": {"name": "sgd", "arguments": {"lr": "0.05", "momentum": "0.9"}}, "logging": {"tensorboard": "false"}}
+)
 
 
 @pytest.fixture(scope="module")

@@ -19,31 +19,11 @@ from source.plotting import read_metrics
 from source.training import RunFolder, runner
 from source.training.checkpoints import load_checkpoint, non_finite_entry
 from source.training.trainer import DivergenceWatch, Trainer
+from tests.tiny_run import tiny_with
 
-# 1,150 digits training images / 32 = 35 steps per epoch.
-TINY = """\
-[experiment]
-name = tiny
-device = cpu
-cpu_threads = 1
-[data]
-name = digits
-[model]
-name = small_cnn
-[optimizer]
-name = sgd
-    [[arguments]]
-    lr = 0.05
-[training]
-training_steps = 30
-batch_size = 32
-evaluate_every_steps = 10
-divergence_steps = 4
-[logging]
-progress_bar = false
-log_every_steps = 5
-tensorboard = false
-"""
+# The tiny digits run with SGD, 30 steps (35 per epoch), diverging after 4 bad steps.
+SETTINGS = {"training": {"training_steps": "30", "divergence_steps": "4"}, "logging": {"tensorboard": "false"}}
+TINY = tiny_with({**SETTINGS, "optimizer": {"name": "sgd", "arguments": {"lr": "0.05"}}})
 
 
 @pytest.fixture
@@ -152,7 +132,7 @@ def test_a_model_that_becomes_non_finite_is_never_saved(workspace, capsys):
 def test_lab_pal_skipping_every_update_ends_as_diverged(workspace, monkeypatch):
     # From its 25th loss evaluation on, LABPAL sees only non-finite losses and skips every update.
     _inject(monkeypatch, lambda call, loss: math.inf if call >= 25 else 0.0)
-    lab_pal = TINY.replace("name = sgd\n    [[arguments]]\n    lr = 0.05\n", "name = lab_pal\n")
+    lab_pal = tiny_with(SETTINGS)
     (workspace / "lab_pal.txt").write_text(lab_pal)
     configuration = load_configuration("lab_pal.txt", ["training.training_steps=40"])
     outcome = runner.run_experiment(configuration)

@@ -1,6 +1,9 @@
 """The tiny LABPAL run on digits that runner tests train, and a workspace that holds its configuration."""
 
+import io
+
 import pytest
+from configobj import ConfigObj
 
 # 1,150 digits training images / 32 = 35 steps per epoch; evaluations at 10, 20, 24.
 TINY = """\
@@ -35,3 +38,12 @@ def workspace(tmp_path, monkeypatch):
 def set_options(*overrides):
     """Command-line arguments that apply ``overrides`` ("section.key=value") with --set."""
     return [argument for override in overrides for argument in ("--set", override)]
+
+
+def tiny_with(changes):
+    """TINY with ``changes`` ({section: {key: value or {subsection}}}) merged in, as configuration text."""
+    configuration = ConfigObj(TINY.splitlines(), interpolation=False)
+    configuration.merge(changes)
+    text = io.BytesIO()
+    configuration.write(text)
+    return text.getvalue().decode()

@@ -417,7 +417,10 @@ class Trainer:
     def _averaged_buffers(self):
         """Inside, every process holds the mean of the processes' BatchNorm statistics, so all evaluate
         and save one model; afterwards each its own again, so training goes on as if nothing happened.
-        Yields this process's own buffers."""
+        Yields this process's own buffers (None in a run of one process, which has nothing to average)."""
+        if not self.distributed.is_distributed:
+            yield None
+            return
         buffers = self._floating_buffers()
         own = [buffer.clone() for buffer in buffers]
         self.distributed.mean_tensors(buffers)
@@ -531,13 +534,16 @@ class Trainer:
         """
         experiment = self.experiment
         with self._averaged_buffers() as own_buffers:
-            model_state = {name: tensor.clone() for name, tensor in experiment.model.state_dict().items()}
+            model_state = experiment.model.state_dict()
+            if own_buffers is not None:
+                # The buffers return to this process's own afterwards; the saved state keeps the mean.
+                model_state = {name: tensor.clone() for name, tensor in model_state.items()}
         name = non_finite_entry(model_state)
         if name is not None:
             self._stop_diverged(self.step, f"the model's {name} is not finite")
             return None
         process_buffers = None
-        if self.distributed.is_distributed:
+        if own_buffers is not None:
             process_buffers = self.distributed.gather_objects([buffer.cpu() for buffer in own_buffers])
         state = {
             "step": self.step,
