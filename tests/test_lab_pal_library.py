@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import venv
 
 import pytest
@@ -26,7 +27,7 @@ def readme_example() -> str:
 
 def project_copy(tmp_path) -> pathlib.Path:
     """What the build reads, copied, so that build/ and *.egg-info never land in the repository."""
-    pytest.importorskip("setuptools", reason="building the package needs setuptools (pip install setuptools wheel)")
+    pytest.importorskip("setuptools", reason="building the package needs setuptools (pip install -r requirements-test.txt)")
     copy = tmp_path / "project"
     copy.mkdir()
     for name in ("pyproject.toml", "README.md"):
@@ -83,14 +84,24 @@ def test_installed_package_holds_only_lab_pal_and_runs_the_readme_example_from_a
     assert accuracy >= 0.9  # 0.960 with its seed on one CPU thread
 
 
+def environment_over_this_one(path) -> pathlib.Path:
+    """A throwaway venv that sees this interpreter's packages (torch, setuptools, pip) but installs nothing into them.
+
+    ``system_site_packages`` would show the base interpreter's packages instead, which inside a
+    virtual environment are not the ones the test command installed.
+    """
+    venv.EnvBuilder(with_pip=False).create(path)
+    python = path / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    inner_site_packages = run_python(python, ["-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                     cwd=path).stdout.strip()
+    outer_site_packages = {sysconfig.get_paths()[key] for key in ("purelib", "platlib")}
+    (pathlib.Path(inner_site_packages) / "outer_environment.pth").write_text("\n".join(sorted(outer_site_packages)) + "\n")
+    return python
+
+
 def test_editable_install_maps_lab_pal_to_the_source_folder(tmp_path):
     copy = project_copy(tmp_path)
-    # A throwaway environment that sees torch and setuptools but installs nothing globally.
-    environment = tmp_path / "venv"
-    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(environment)
-    python = environment / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
-    if run_python(python, ["-m", "pip", "--version"], cwd=tmp_path).returncode != 0:
-        pytest.skip("pip is not importable from a venv over the system site-packages")
+    python = environment_over_this_one(tmp_path / "venv")
     pip_install(python, ["-e", "."], cwd=copy)
     found = run_python(python, ["-c", "from lab_pal import LabPal, make_batch_closure; import lab_pal; "
                                       "print(lab_pal.__file__)"], cwd=tmp_path)
