@@ -1,7 +1,8 @@
 """The paper's CIFAR-10 / ResNet-20 run on one GPU: steps/s, data vs model time, projected wall time.
 
 For LABPAL-NSGD and SGD (configs/cifar10_resnet20_lab_pal_nsgd.txt, configs/cifar10_resnet20_sgd.txt,
-with the machine's "auto" choices: device pipeline, channels-last, bfloat16 autocast) it trains
+with the machine's "auto" choices: device pipeline, channels-last; float32 as in the paper unless
+``--autocast bfloat16``) it trains
 ``--steps`` steps with the Trainer after ``--warmup`` steps, and prints:
 
 - steps/s of training (LABPAL's measurements in that stretch included, evaluations excluded);
@@ -99,6 +100,8 @@ def main():
     parser.add_argument("--sync-steps", type=int, default=50)
     parser.add_argument("--train-size", default="preset", help="training samples (default: the paper's 40,000)")
     parser.add_argument("--optimizers", nargs="+", default=list(PRESETS), choices=list(PRESETS))
+    parser.add_argument("--autocast", default="none", choices=["none", "bfloat16"],
+                        help="forward passes' precision (default: none, float32 as in the paper)")
     options = parser.parse_args()
     device = torch.device(options.device)
     name_of_device = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
@@ -110,6 +113,7 @@ def main():
                 f"data.root={options.root}",
                 f"data.train_size={options.train_size}",
                 f"experiment.device={options.device}",
+                f"experiment.autocast={options.autocast}",
                 f"experiment.runs_folder={scratch}",
                 "training.evaluate_every_steps=1000000",
                 "training.training_steps=1000000",

@@ -47,3 +47,33 @@ def test_options_that_cannot_apply_are_refused_before_training(workspace, capsys
     assert main.main(["--config", "tiny.txt", *set_options("optimizer.name=pls", "experiment.compile=true")]) == 2
     assert "pls computes per-sample gradients of the plain model" in capsys.readouterr().err
     assert not (workspace / "runs").exists() or not any((workspace / "runs").iterdir())
+
+
+def _training_losses(folder):
+    return [record["loss"] for record in read_metrics(folder / "metrics.jsonl") if record["split"] == "training"]
+
+
+def test_channels_last_changes_a_run_by_rounding_only(workspace):
+    """The memory format is chosen for the machine, not per optimizer; results must not depend on it.
+
+    SGD, because LABPAL's finite difference over h = 1.77e-4 turns float32 rounding differences of
+    the loss into learning rates that differ by about 1 %, after which any two runs drift apart.
+    """
+    for memory_format in ("true", "false"):
+        options = set_options(f"experiment.channels_last={memory_format}", f"experiment.name=channels_last_{memory_format}",
+                              "optimizer.name=sgd", "optimizer.arguments.lr=0.1")
+        assert main.main(["--config", "tiny.txt", *options]) == 0
+    channels_last = _training_losses(workspace / "runs" / "channels_last_true")
+    contiguous = _training_losses(workspace / "runs" / "channels_last_false")
+    assert len(channels_last) == len(contiguous) >= 4
+    assert channels_last != contiguous  # the two memory orders do round differently
+    assert channels_last == pytest.approx(contiguous, rel=1e-5)
+
+
+def test_autocast_is_float32_unless_bfloat16_is_asked_for(workspace, capsys):
+    assert main.main(["--config", "tiny.txt"]) == 0
+    assert "autocast = none" in (workspace / "runs" / "tiny" / "configuration.txt").read_text()
+    # No per-optimizer "auto": that would give the runs of one comparison different precisions.
+    assert main.main(["--config", "tiny.txt", *set_options("experiment.autocast=auto", "experiment.name=other")]) == 2
+    error = capsys.readouterr().err
+    assert "autocast" in error and "auto" in error and "Traceback" not in error

@@ -2,8 +2,8 @@
 schedule and the training loop's settings.
 
 Every ``UserError`` raised while building names the configuration file and the key it comes from.
-The choices "auto" leaves to the machine (data.pipeline, experiment.channels_last,
-experiment.autocast) are resolved here and written back into the configuration, so the run folder's
+The choices "auto" leaves to the machine (data.pipeline, experiment.channels_last) are resolved
+here and written back into the configuration, so the run folder's
 configuration.txt records them and a resumed run keeps them.
 """
 
@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from source.data import build_datasets, build_pipelines
 from source.errors import UserError
 from source.models import build_model
-from source.optimizer import LabPal, LineSearch, build_optimizer
+from source.optimizer import LineSearch, build_optimizer
 from source.training.losses import choose_loss
 from source.training.distributed import Distributed, check_batch_size, process_device
 from source.training.schedules import build_schedule
@@ -37,9 +37,8 @@ AUTOMATIC = "auto"
 _ONE_EPOCH = "epoch"
 _ON = "true"
 _BFLOAT16 = "bfloat16"
-_NO_AUTOCAST = "none"
 
-AUTOMATIC_CHOICES = {("data", "pipeline"), ("experiment", "channels_last"), ("experiment", "autocast")}
+AUTOMATIC_CHOICES = {("data", "pipeline"), ("experiment", "channels_last")}
 """Keys whose "auto" is resolved for the machine and recorded: on resume "auto" keeps the recorded value."""
 
 
@@ -115,7 +114,11 @@ def _dataset_arguments(data):
 
 
 def _resolve_channels_last(configuration, device, splits):
-    """experiment.channels_last: "auto" is on for image models on CUDA, where convolutions gain from it."""
+    """experiment.channels_last: "auto" is on for image models on CUDA, where convolutions gain from it.
+
+    It depends on the device and the data only, never on the optimizer, so every run of a comparison
+    gets the same memory format (which changes results by rounding only).
+    """
     choice = configuration["experiment"]["channels_last"]
     if choice == AUTOMATIC:
         choice = _ON if device.type == "cuda" and len(splits.input_shape) == 3 else "false"
@@ -128,16 +131,10 @@ def _resolve_channels_last(configuration, device, splits):
     return choice == _ON
 
 
-def _resolve_autocast(configuration, device, optimizer):
-    """experiment.autocast: "auto" is bfloat16 on CUDA for plain optimizers and LABPAL, whose line
-    measurements stay in full precision; the other line searches measure losses in their forward
-    passes, so "auto" keeps them in full precision."""
-    choice = configuration["experiment"]["autocast"]
-    if choice == AUTOMATIC:
-        safe = not isinstance(optimizer, LineSearch) or isinstance(optimizer, LabPal)
-        choice = _BFLOAT16 if device.type == "cuda" and safe else _NO_AUTOCAST
-    configuration["experiment"]["autocast"] = choice
-    return torch.bfloat16 if choice == _BFLOAT16 else None
+def _autocast_dtype(configuration):
+    """experiment.autocast as a dtype (None: float32). It is never chosen per optimizer, so every run
+    of a comparison computes in the same precision."""
+    return torch.bfloat16 if configuration["experiment"]["autocast"] == _BFLOAT16 else None
 
 
 def _network(configuration, model, optimizer, distributed):
@@ -219,7 +216,7 @@ def build_experiment(configuration, distributed=None):
         schedule = build_schedule(
             schedule_section["name"], optimizer, dict(schedule_section["arguments"]), training["training_steps"]
         )
-    autocast = _resolve_autocast(configuration, device, optimizer)
+    autocast = _autocast_dtype(configuration)
     network = _network(configuration, model, optimizer, distributed)
     # Last: the device pipeline copies the data to the device, which is wasted on a refused configuration.
     with configuration.blame("data", "pipeline"):
