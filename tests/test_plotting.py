@@ -4,10 +4,13 @@ import json
 import statistics
 
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from source.comparison import collect_entries, result_rows
 from source.configuration import format_configuration, load_configuration
 from source.plotting import PlottedRun, legend_label, plot_runs
+from source.plotting.curves import label_log_axis
 from source.plotting import __main__ as plotting_command
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -178,3 +181,20 @@ def test_plotting_command_refuses_bad_folders_with_one_line(tmp_path, monkeypatc
     for fragment in fragments:
         assert fragment in error
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("low, high", [(1.9, 3.1), (0.3, 1.9), (2.001, 2.004), (1e-3, 5e-2), (2e-4, 1.0), (1e-9, 1.0)])
+def test_log_axes_label_enough_ticks_to_read_values_off(low, high):
+    figure = Figure()
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.plot([0, 1, 2], [low, (low * high) ** 0.5, high])
+    axes.set_yscale("log")
+    label_log_axis(axes.yaxis)
+    figure.canvas.draw()
+    bottom, top = axes.get_ylim()
+    labelled = [(tick.get_loc(), tick.label1.get_text()) for tick in axes.yaxis.get_major_ticks()
+                if bottom <= tick.get_loc() <= top and tick.label1.get_visible() and tick.label1.get_text()]
+    assert 4 <= len(labelled) <= 12, labelled
+    for location, text in labelled:
+        assert float(text) == pytest.approx(location, rel=1e-3)  # plain numbers a reader can read

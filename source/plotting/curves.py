@@ -11,6 +11,7 @@ metrics file does not have (older files lack the passes, batch sizes and events)
 """
 
 import json
+import math
 import statistics
 import textwrap
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from source.errors import UserError
 
@@ -28,6 +30,7 @@ __all__ = [
     "PlottedRun",
     "check_plot_folder",
     "claim_plot_folder",
+    "label_log_axis",
     "legend_label",
     "plot_runs",
     "quality_of",
@@ -192,6 +195,36 @@ def _legend_height(labels):
     return 0.2 * -(-(lines + 1) // _legend_columns(labels))
 
 
+def label_log_axis(axis):
+    """Label enough ticks on a log ``axis`` to read a value off it, whatever its range.
+
+    Matplotlib labels the powers of ten and, within a decade, a few multiples: a training loss
+    between 1.9 and 3.1 would show two labels. Ticks per range: below one decade evenly spaced
+    values (nearly even on a log scale there), then 1-2-5 per decade, 1-3 per decade, and powers
+    of ten from four decades on; labels as plain numbers, minor ticks unlabelled.
+    """
+    low, high = sorted(axis.get_view_interval())
+    decades = math.log10(high / low) if low > 0 else math.inf
+    if decades < 1:
+        locator = _PositiveTicks(nbins=6, steps=[1, 2, 2.5, 5, 10])
+    elif decades < 2:
+        locator = LogLocator(base=10, subs=(1.0, 2.0, 5.0))
+    elif decades < 4:
+        locator = LogLocator(base=10, subs=(1.0, 3.0))
+    else:
+        locator = LogLocator(base=10)
+    axis.set_major_locator(locator)
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+class _PositiveTicks(MaxNLocator):
+    """Evenly spaced ticks without the zero or negative values a log scale cannot place."""
+
+    def tick_values(self, vmin, vmax):
+        return [value for value in super().tick_values(vmin, vmax) if value > 0]
+
+
 def _line_figure(stem, title, y_label, curves, *, log_scale, marks=(), mark_label=None, levels=False):
     """Draw ``curves`` ((index, label, per-seed {step: value} series) triples) and ``marks`` ((index,
     steps, values) of events); return the PNG path, or None when no curve has a point.
@@ -228,6 +261,7 @@ def _line_figure(stem, title, y_label, curves, *, log_scale, marks=(), mark_labe
     axes.set_ylabel(y_label)
     if log_scale:
         axes.set_yscale("log")
+        label_log_axis(axes.yaxis)
     if levels:
         axes.set_ylim(bottom=0)
     _legend(figure, handles, labels)
