@@ -235,21 +235,6 @@ def test_non_finite_loss_at_a_trial_returns_to_the_line_origin():
     assert _loss_value(hessian, x) < 1e-2 * _loss_value(hessian, start)
 
 
-def test_invalid_arguments_are_refused():
-    params = [nn.Parameter(torch.zeros(2))]
-    for arguments in (dict(initial_step_size=0.0), dict(c=1.0), dict(c=0.0), dict(eta=1.0), dict(momentum=1.0),
-                      dict(momentum=-0.1), dict(min_step_size=0.0), dict(max_step_size=1e-9),
-                      dict(initial_step_size=math.inf), dict(eta=True)):
-        with pytest.raises(ValueError, match="Invalid"):
-            GolsI(params, **arguments)
-    with pytest.raises(ValueError, match="one parameter group"):
-        GolsI([{"params": [nn.Parameter(torch.zeros(1))]}, {"params": [nn.Parameter(torch.zeros(1))]}])
-    with pytest.raises(ValueError, match="one device and dtype"):
-        GolsI([nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1, dtype=torch.float64))])
-    with pytest.raises(ValueError, match="closure"):
-        GolsI(params).step(None)
-
-
 # --------------------------------------------------------------------------- networks, buffers, state
 
 

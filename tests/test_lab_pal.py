@@ -19,6 +19,7 @@ from source.optimizer.lab_pal import (
     noise_adaptation_factor,
     scale_batch_size_schedule,
 )
+from tests.conftest import SmallBatchNormNet, image_batches, quadratic_problem, train_steps
 
 # --------------------------------------------------------------------------- pure helpers
 
@@ -70,20 +71,6 @@ def test_multiplier_at_follows_the_schedule():
 
 
 # --------------------------------------------------------------------------- problems
-
-
-def quadratic_problem(dimension=6, seed=0):
-    """f(θ) = ½ θᵀAθ − bᵀθ with A positive definite, in float64."""
-    generator = torch.Generator().manual_seed(seed)
-    m = torch.randn(dimension, dimension, generator=generator, dtype=torch.float64)
-    a = m @ m.T / dimension + 0.5 * torch.eye(dimension, dtype=torch.float64)
-    b = torch.randn(dimension, generator=generator, dtype=torch.float64)
-    theta = nn.Parameter(torch.randn(dimension, generator=generator, dtype=torch.float64))
-
-    def loss():
-        return 0.5 * theta @ a @ theta - b @ theta
-
-    return theta, a, b, loss
 
 
 def exact_line_minimum(theta, a, b, direction):
@@ -396,26 +383,6 @@ def test_non_finite_loss_during_training_skips_the_update():
 # --------------------------------------------------------------------------- side effects
 
 
-class SmallBatchNormNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.2), nn.AdaptiveAvgPool2d(2)
-        )
-        self.head = nn.Linear(16, 3)
-
-    def forward(self, inputs):
-        return self.head(self.features(inputs).flatten(1))
-
-
-def image_batches(count, size=8, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return [
-        (torch.randn(size, 1, 6, 6, generator=generator), torch.randint(0, 3, (size,), generator=generator))
-        for _ in range(count)
-    ]
-
-
 def test_measurement_leaves_buffers_as_if_only_the_training_passes_ran():
     torch.manual_seed(0)
     model = SmallBatchNormNet()
@@ -461,12 +428,6 @@ def test_batch_closure_replays_its_randomness_and_keeps_its_batch():
 
 
 # --------------------------------------------------------------------------- state
-
-
-def train_steps(model, optimizer, batches):
-    loss_function = nn.CrossEntropyLoss()
-    for inputs, targets in batches:
-        optimizer.step(make_batch_closure(model, loss_function, inputs, targets))
 
 
 def decayed_groups(model, weight_decay):
@@ -611,40 +572,6 @@ def test_measurement_under_bfloat16_autocast_matches_full_precision():
 
 
 # --------------------------------------------------------------------------- arguments
-
-
-@pytest.mark.parametrize(
-    "argument, value",
-    [
-        ("mode", "ADAM"),
-        ("step_adaptation", 0.0),
-        ("max_step", -1.0),
-        ("min_step", 0.0),
-        ("momentum", 1.0),
-        ("measurement_interval", 0),
-        ("approximation_batches", 2.5),
-        ("untrustworthy_updates", -1),
-        ("averaging_window", 0),
-        ("sample_step", 0.0),
-        ("derivative_step", 0.1),
-        ("min_direction_norm", -1.0),
-        ("max_direction_norm", 0.0),
-        ("batch_size_schedule", ((5, 1),)),
-        ("batch_size_schedule", ((0, 0),)),
-        ("training_set_size", 0),
-        ("inference_batch_size", 0),
-    ],
-)
-def test_invalid_arguments_name_the_argument_and_value(argument, value):
-    theta, _, _, _ = quadratic_problem()
-    with pytest.raises(ValueError) as error:
-        LabPal([theta], **{argument: value})
-    assert argument in str(error.value) and repr(value) in str(error.value)
-
-
-def test_parameters_on_several_dtypes_are_rejected():
-    with pytest.raises(ValueError, match="one device and dtype"):
-        LabPal([nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2, dtype=torch.float64))])
 
 
 def test_log_values_count_passes_and_events_report_each_measurement_once():

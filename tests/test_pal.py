@@ -16,54 +16,15 @@ from torch import nn
 from source.optimizer.lab_pal import make_batch_closure
 from source.optimizer.line_search import MEAN_LOSS, LineSearch
 from source.optimizer.pal import Pal, pal_step_size
+from tests.conftest import SmallBatchNormNet, image_batches, quadratic_problem, train_steps
 
 # --------------------------------------------------------------------------- problems
-
-
-def quadratic_problem(dimension=6, seed=0):
-    """f(θ) = ½ θᵀAθ − bᵀθ with A positive definite, in float64."""
-    generator = torch.Generator().manual_seed(seed)
-    m = torch.randn(dimension, dimension, generator=generator, dtype=torch.float64)
-    a = m @ m.T / dimension + 0.5 * torch.eye(dimension, dtype=torch.float64)
-    b = torch.randn(dimension, generator=generator, dtype=torch.float64)
-    theta = nn.Parameter(torch.randn(dimension, generator=generator, dtype=torch.float64))
-
-    def loss():
-        return 0.5 * theta @ a @ theta - b @ theta
-
-    return theta, a, b, loss
 
 
 def line_minimum_distance(theta, a, b):
     """t minimising the quadratic along −g, as a multiple of g: θ − t g is the line minimum."""
     gradient = a @ theta - b
     return (gradient @ gradient) / (gradient @ a @ gradient), gradient
-
-
-class SmallBatchNormNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.2), nn.AdaptiveAvgPool2d(2)
-        )
-        self.head = nn.Linear(16, 3)
-
-    def forward(self, inputs):
-        return self.head(self.features(inputs).flatten(1))
-
-
-def image_batches(count, size=8, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return [
-        (torch.randn(size, 1, 6, 6, generator=generator), torch.randint(0, 3, (size,), generator=generator))
-        for _ in range(count)
-    ]
-
-
-def train_steps(model, optimizer, batches):
-    loss_function = nn.CrossEntropyLoss()
-    for inputs, targets in batches:
-        optimizer.step(make_batch_closure(model, loss_function, inputs, targets))
 
 
 # --------------------------------------------------------------------------- the step rule
@@ -328,30 +289,6 @@ def test_resuming_from_state_dict_continues_bitwise(momentum):
 
 
 # --------------------------------------------------------------------------- arguments
-
-
-@pytest.mark.parametrize(
-    "argument, value",
-    [
-        ("measuring_step", 0.0),
-        ("measuring_step", math.inf),
-        ("max_step", -1.0),
-        ("conjugate_gradient_factor", -0.1),
-        ("conjugate_gradient_factor", 1.0),
-        ("update_step_adaptation", 0.0),
-        ("exact_directional_derivative", 1),
-    ],
-)
-def test_invalid_arguments_name_the_argument_and_value(argument, value):
-    with pytest.raises(ValueError, match=f"Invalid {argument}: {value!r}"):
-        Pal([nn.Parameter(torch.zeros(2))], **{argument: value})
-
-
-def test_several_parameter_groups_and_mixed_dtypes_are_rejected():
-    with pytest.raises(ValueError, match="exactly one parameter group"):
-        Pal([{"params": [nn.Parameter(torch.zeros(2))]}, {"params": [nn.Parameter(torch.zeros(2))]}])
-    with pytest.raises(ValueError, match="one device and dtype"):
-        Pal([nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2, dtype=torch.float64))])
 
 
 def test_per_sample_losses_and_missing_closures_are_rejected():

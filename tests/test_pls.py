@@ -445,11 +445,6 @@ def test_invalid_arguments_name_the_argument_and_value(argument, value):
         Pls([nn.Parameter(torch.zeros(2))], **{argument: value})
 
 
-def test_several_parameter_groups_are_rejected():
-    with pytest.raises(ValueError, match="exactly one parameter group"):
-        Pls([{"params": [nn.Parameter(torch.zeros(2))]}, {"params": [nn.Parameter(torch.zeros(2))]}])
-
-
 # --------------------------------------------------------------------------- the research code
 
 

@@ -3,7 +3,6 @@
 import contextlib
 import copy
 import importlib.util
-import io
 import math
 import os
 from pathlib import Path
@@ -274,66 +273,6 @@ def test_lowers_the_loss_of_logistic_regression_on_digits_with_the_defaults():
 
 
 # --------------------------------------------------------------------------- state and arguments
-
-
-def test_state_dict_round_trip_continues_bitwise():
-    loss_function = nn.CrossEntropyLoss()
-    batches = classification_batches(8, 16, seed=4)
-    model = small_network(seed=3, batch_norm=True)
-    optimizer = Sls(model.parameters(), init_step_size=2.0, buffers=model.buffers(),
-                    training_set_size=64, inference_batch_size=16)
-    for inputs, targets in batches[:4]:
-        optimizer.step(make_batch_closure(model, loss_function, inputs, targets))
-    saved = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, saved)
-    for inputs, targets in batches[4:]:
-        optimizer.step(make_batch_closure(model, loss_function, inputs, targets))
-
-    saved.seek(0)
-    checkpoint = torch.load(saved)
-    resumed_model = small_network(seed=99, batch_norm=True)
-    resumed_model.load_state_dict(checkpoint["model"])
-    resumed = Sls(resumed_model.parameters(), buffers=resumed_model.buffers(),
-                  training_set_size=64, inference_batch_size=16)
-    resumed.load_state_dict(checkpoint["optimizer"])
-    for inputs, targets in batches[4:]:
-        resumed.step(make_batch_closure(resumed_model, loss_function, inputs, targets))
-
-    for name, value in model.state_dict().items():
-        assert torch.equal(value, resumed_model.state_dict()[name]), name
-    assert resumed.log_values() == optimizer.log_values()
-    assert resumed.param_groups[0]["init_step_size"] == 2.0
-
-
-def test_refuses_a_second_parameter_group():
-    with pytest.raises(ValueError, match="one parameter group"):
-        Sls([{"params": [nn.Parameter(torch.zeros(1))]}, {"params": [nn.Parameter(torch.zeros(1))]}])
-
-
-def test_refuses_a_missing_closure():
-    with pytest.raises(ValueError, match="closure"):
-        Sls([nn.Parameter(torch.zeros(1))]).step(None)
-
-
-@pytest.mark.parametrize(
-    "arguments, name",
-    [
-        (dict(init_step_size=0.0), "init_step_size"),
-        (dict(init_step_size=math.inf), "init_step_size"),
-        (dict(c=1.0), "c"),
-        (dict(c=0.0), "c"),
-        (dict(beta_b=1.0), "beta_b"),
-        (dict(gamma=0.5), "gamma"),
-        (dict(reset_option=3), "reset_option"),
-        (dict(reset_option=1.0), "reset_option"),
-        (dict(max_backtracking_steps=0), "max_backtracking_steps"),
-        (dict(training_set_size=0), "training_set_size"),
-        (dict(inference_batch_size=2.5), "inference_batch_size"),
-    ],
-)
-def test_invalid_arguments_are_refused_by_name(arguments, name):
-    with pytest.raises(ValueError, match=f"Invalid {name}:"):
-        Sls([nn.Parameter(torch.zeros(1))], **arguments)
 
 
 # --------------------------------------------------------------------------- the authors' research code
