@@ -19,6 +19,7 @@ from source.optimizer.lab_pal import (
     noise_adaptation_factor,
     scale_batch_size_schedule,
 )
+from source.optimizer.lab_pal import numerics
 from tests.conftest import SmallBatchNormNet, image_batches, quadratic_problem, train_steps
 
 # --------------------------------------------------------------------------- pure helpers
@@ -68,6 +69,50 @@ def test_a_malformed_written_schedule_names_the_form(written):
 def test_multiplier_at_follows_the_schedule():
     schedule = ((0, 1), (75_000, 2), (112_500, 4))
     assert [multiplier_at(schedule, s) for s in (0, 74_999, 75_000, 112_499, 200_000)] == [1, 1, 2, 2, 4]
+
+
+def test_the_step_is_the_clipped_adapted_and_floored_parabola_minimum():
+    assert numerics.clipped_step(0.5, max_step=1.0, step_adaptation=1.8, min_step=1e-6) == 0.9
+    assert numerics.clipped_step(4.0, max_step=1.0, step_adaptation=1.8, min_step=1e-6) == 1.8
+    assert numerics.clipped_step(1e-9, max_step=1.0, step_adaptation=1.8, min_step=1e-6) == 1e-6
+
+
+def test_a_line_and_a_direction_name_why_they_give_no_step():
+    descending = fit_parabola((0.0, 1.0, 2.0), (1.0, 0.5, 0.5))
+    assert numerics.line_failure((1.0, 0.5, 0.5), descending) is None
+    assert "non-finite" in numerics.line_failure((1.0, math.nan, 0.5), descending)
+    assert "not convex" in numerics.line_failure((1.0, 0.5, 0.0), fit_parabola((0.0, 1.0, 2.0), (1.0, 0.5, 0.0)))
+    assert "does not decrease" in numerics.line_failure((1.0, 1.5, 2.5), fit_parabola((0.0, 1.0, 2.0), (1.0, 1.5, 2.5)))
+    assert numerics.direction_failure(1.0, -0.5, 1e-3, 100.0) is None
+    assert numerics.direction_failure(math.inf, -0.5, 1e-3, 100.0) == "direction norm is inf"
+    assert numerics.direction_failure(1e-4, -0.5, 1e-3, 100.0) == "direction norm 0.0001 outside [0.001, 100.0]"
+    assert numerics.direction_failure(1.0, 0.0, 1e-3, 100.0) == "directional derivative 0 is not negative"
+
+
+def test_the_average_runs_over_the_last_window_values():
+    history, average = numerics.windowed_average([1.0, 2.0, 3.0], 6.0, window=3)
+    assert history == [2.0, 3.0, 6.0] and average == pytest.approx(11 / 3)
+    assert numerics.windowed_average([], 2.0, window=3) == ([2.0], 2.0)
+
+
+def test_the_next_measurement_comes_an_interval_on_or_when_the_untrustworthy_updates_end():
+    assert numerics.next_measurement_update(0, measurement_interval=1000, untrustworthy_updates=400) == 400
+    assert numerics.next_measurement_update(400, measurement_interval=1000, untrustworthy_updates=400) == 1400
+    assert numerics.next_measurement_update(10, measurement_interval=5, untrustworthy_updates=400) == 15
+    assert numerics.scheduled_multiplier_change(((0, 1), (10, 2)), 10, multiplier=1) == 2
+    assert numerics.scheduled_multiplier_change(((0, 1), (10, 2)), 9, multiplier=1) is None
+
+
+def test_the_weight_decay_term_along_the_line_is_the_l2_penalty_at_each_position():
+    generator = torch.Generator().manual_seed(0)
+    theta = [torch.randn(3, generator=generator, dtype=torch.float64), torch.randn(2, generator=generator, dtype=torch.float64)]
+    direction = [torch.randn(3, generator=generator, dtype=torch.float64), torch.randn(2, generator=generator, dtype=torch.float64)]
+    norm = torch.cat(direction).norm()
+    penalty = numerics.weight_decay_along_line([(0.1, theta[:1], direction[:1]), (0.3, theta[1:], direction[1:])], norm)
+    for t in (0.0, 0.5, 2.0):
+        moved = [p - t * d / norm for p, d in zip(theta, direction)]
+        expected = 0.1 / 2 * moved[0].square().sum() + 0.3 / 2 * moved[1].square().sum()
+        assert numerics.penalised_line_losses([0.0], [t], penalty.tolist())[0] == pytest.approx(expected.item(), rel=1e-12)
 
 
 # --------------------------------------------------------------------------- problems
@@ -801,6 +846,16 @@ def test_training_updates_never_wait_for_the_host(monkeypatch, mode, momentum, r
         optimizer.step(make_batch_closure(model, nn.MSELoss(), inputs, targets))
     monkeypatch.undo()
     assert optimizer.summary.updates == 5 and optimizer.summary.skipped_updates == 0
+
+
+def test_a_state_with_entries_of_another_kind_is_refused_by_name():
+    theta, _, _, loss = quadratic_problem(seed=23)
+    optimizer = LabPal([theta], **few_updates())
+    run(optimizer, loss, 2)
+    state = optimizer.state_dict()
+    state["lab_pal"]["momentum_of_doom"] = 1
+    with pytest.raises(ValueError, match="Invalid LabPal state: unknown entries momentum_of_doom"):
+        LabPal([nn.Parameter(theta.detach().clone())], **few_updates()).load_state_dict(state)
 
 
 def test_a_state_saved_before_weight_decay_and_the_effective_learning_rate_existed_still_loads():

@@ -13,7 +13,7 @@ from ..configuration.checks import InvalidArgument, check_argument_types, find_r
 from ..errors import UserError
 from .gols_i import GolsI
 from .lab_pal import LabPal, make_batch_closure
-from .line_search import MEAN_LOSS, SAMPLE_LOSSES, LineSearch
+from .line_search import MEAN_LOSS, SAMPLE_LOSSES, LineSearch, LineSearchBase
 from .pal import Pal
 from .pls import Pls
 from .sls import Sls
@@ -25,6 +25,7 @@ __all__ = [
     "GolsI",
     "LabPal",
     "LineSearch",
+    "LineSearchBase",
     "Pal",
     "Pls",
     "Sls",

@@ -5,7 +5,8 @@ from collections.abc import Iterable
 
 import torch
 
-from .lab_pal.line_search_base import (
+from .line_search import (
+    MEAN_LOSS,
     LineSearchBase,
     global_dot,
     global_norm,
@@ -13,7 +14,6 @@ from .lab_pal.line_search_base import (
     log_values_known,
     require,
 )
-from .line_search import MEAN_LOSS
 
 __all__ = ["GolsI"]
 
@@ -103,7 +103,7 @@ class GolsI(LineSearchBase):
     learning rate. The decisions read F' on the host, which waits for the
     device once per step (twice when a line ends). All parameters share one
     device and dtype, and there is one parameter group
-    (:class:`~source.optimizer.lab_pal.line_search_base.LineSearchBase` checks both).
+    (:class:`~source.optimizer.line_search.LineSearchBase` checks both).
 
     Example:
         >>> optimizer = GolsI(model.parameters(), buffers=model.buffers())

@@ -3,6 +3,9 @@
 A line search is any ``torch.optim.Optimizer`` that has the three members of ``LineSearch``;
 nothing needs to inherit from it. The trainer, the schedules and the registry know line searches
 only through it, so a new one touches its own file and the registry and nothing else.
+
+The line searches here build on ``LineSearchBase`` and its helpers, imported from this module;
+they live in the ``lab_pal`` package because LABPAL, installable on its own, extends them too.
 """
 
 from typing import ClassVar, Protocol, runtime_checkable
@@ -10,8 +13,28 @@ from typing import ClassVar, Protocol, runtime_checkable
 import torch
 
 from .lab_pal import MEAN_LOSS, SAMPLE_LOSSES
+from .lab_pal.line_search_base import (
+    LineSearchBase,
+    global_dot,
+    global_norm,
+    is_finite_number,
+    log_values_known,
+    require,
+    require_integer,
+)
 
-__all__ = ["MEAN_LOSS", "SAMPLE_LOSSES", "LineSearch"]
+__all__ = [
+    "MEAN_LOSS",
+    "SAMPLE_LOSSES",
+    "LineSearch",
+    "LineSearchBase",
+    "global_dot",
+    "global_norm",
+    "is_finite_number",
+    "log_values_known",
+    "require",
+    "require_integer",
+]
 
 
 @runtime_checkable

@@ -4,7 +4,8 @@ from collections.abc import Iterable
 
 import torch
 
-from .lab_pal.line_search_base import (
+from .line_search import (
+    MEAN_LOSS,
     LineSearchBase,
     global_dot,
     global_norm,
@@ -12,7 +13,6 @@ from .lab_pal.line_search_base import (
     log_values_known,
     require,
 )
-from .line_search import MEAN_LOSS
 
 __all__ = ["Pal", "pal_step_size"]
 
@@ -70,7 +70,7 @@ class Pal(LineSearchBase):
     Parameters without a gradient after ``backward`` are left alone, as in torch's
     SGD. All parameters must share one device and dtype, and there is one parameter
     group: the line search runs along the direction of all parameters together
-    (:class:`~source.optimizer.lab_pal.line_search_base.LineSearchBase` checks both).
+    (:class:`~source.optimizer.line_search.LineSearchBase` checks both).
     ``param_groups[0]["lr"]`` holds the last learning rate s/‖d‖ as a 0-dim tensor
     (read it as a float only at log time: that waits for the device); it is an
     output, so setting it has no effect.

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 import torch
 
 from .lab_pal.batch_schedule import REFERENCE_INFERENCE_BATCH_SIZE, REFERENCE_TRAINING_SET_SIZE
-from .lab_pal.line_search_base import LineSearchBase, is_finite_number, log_values_known, require, require_integer
+from .line_search import LineSearchBase, is_finite_number, log_values_known, require, require_integer
 from .line_search import MEAN_LOSS
 
 __all__ = ["Sls"]
@@ -80,7 +80,7 @@ class Sls(LineSearchBase):
     precision. Memory: one copy of the parameters (and of the buffers) during a
     search; the gradient stays in ``.grad``. ``param_groups[0]["lr"]`` is the
     multiplier of −g in the last update (the accepted η, or 1e-6 after a failed
-    search). One parameter group only (:class:`~source.optimizer.lab_pal.line_search_base.LineSearchBase`
+    search). One parameter group only (:class:`~source.optimizer.line_search.LineSearchBase`
     refuses a second); unlike the other line searches, its parameters may differ in device and dtype.
 
     Example:

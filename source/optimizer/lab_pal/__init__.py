@@ -1,10 +1,12 @@
 """LABPAL: the optimizer, its closure helper and its pure numerical pieces.
 
 Installed on its own as the package ``lab_pal`` (``pip install .``), it imports nothing but
-torch and its own modules. ``line_search_base`` holds what LABPAL and the baseline line
-searches share (buffers, events, argument checks), and ``research_code`` the research code's
-arithmetic behind ``LabPal(research_code_steps=True)``; both are imported from their modules,
-not exported here.
+torch and its own modules. ``lab_pal`` holds the optimizer (arguments, state, step), ``steps``
+its training updates and measurements, ``research_code`` the research code's steps behind
+``LabPal(research_code_steps=True)``, ``numerics`` the numerics as plain functions and
+``progress`` its typed counters. ``line_search_base`` holds what LABPAL and the baseline line
+searches share (buffers, events, argument checks). Those are imported from their modules, not
+exported here.
 """
 
 from .batch_schedule import (

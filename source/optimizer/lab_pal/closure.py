@@ -137,3 +137,23 @@ def make_batch_closure(
     again several steps later, by when the loop variables hold a newer batch.
     """
     return BatchClosure(model, loss_function, inputs, targets, device, batches=batches, key=key)
+
+
+def call_forward_only(closure) -> torch.Tensor:
+    """``closure()``, with a closure that calls backward under ``no_grad`` named as such."""
+    try:
+        return closure()
+    except RuntimeError as error:
+        if "does not require grad" in str(error):
+            raise ValueError(forward_only_message("it called backward")) from error
+        raise
+
+
+def forward_only_message(what: str) -> str:
+    """The message for a closure that does ``what`` instead of only returning the batch's loss."""
+    return (
+        f"Invalid closure: {what}; LabPal's closure must only compute and return the batch's loss tensor "
+        "(forward only, no zero_grad, no backward, no .item()): LabPal calls backward itself and evaluates "
+        "the batch again at other parameters; build it with make_batch_closure(model, loss_function, "
+        "inputs, targets, device)"
+    )

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from ..lab_pal import BatchClosure
-from ..lab_pal.line_search_base import (
+from ..line_search import (
     LineSearchBase,
     global_dot,
     global_norm,
