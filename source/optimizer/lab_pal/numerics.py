@@ -20,7 +20,6 @@ __all__ = [
     "directional_derivative",
     "line_failure",
     "mean",
-    "measurement_due",
     "momentum_direction",
     "next_measurement_update",
     "penalised_line_losses",
@@ -134,8 +133,3 @@ def scheduled_multiplier_change(schedule: Sequence[tuple[int, int]], steps: int,
     """The multiplier ``schedule`` prescribes at ``steps`` if it differs from ``multiplier``, else None."""
     scheduled = multiplier_at(schedule, steps)
     return scheduled if scheduled != multiplier else None
-
-
-def measurement_due(updates: int, next_update: int) -> bool:
-    """Whether a measurement is due after ``updates`` updates."""
-    return updates >= next_update

@@ -17,7 +17,6 @@ from .numerics import (
     directional_derivative,
     line_failure,
     mean,
-    measurement_due,
     momentum_direction,
     next_measurement_update,
     penalised_line_losses,
@@ -33,6 +32,13 @@ __all__ = ["LabPalSteps"]
 
 class LabPalSteps:
     """LABPAL's training updates and measurements, for the optimizer that owns them.
+
+    1. :meth:`plan`: at an update boundary, follow the batch-size schedule and start a measurement when due.
+    2. :meth:`measure`: the first k batches give the direction (:meth:`set_direction`); every batch
+       is evaluated on the line (:meth:`measure_on_line`); the last one fits the parabola, chooses,
+       averages and takes the step (:meth:`finish_measurement`) or reports why not (:meth:`fail_measurement`).
+    3. :meth:`train`: gather k batches, then one update (:meth:`update_parameters`), skipped on the
+       device when a value is not finite.
 
     Args:
         optimizer: the ``LabPal`` whose parameters, ``progress`` and ``state`` the steps use.
@@ -77,7 +83,7 @@ class LabPalSteps:
         if change is not None:
             progress.multiplier = change
             progress.phase = MEASURING
-        elif progress.phase == TRAINING and measurement_due(progress.updates, progress.next_measurement_update):
+        elif progress.phase == TRAINING and progress.updates >= progress.next_measurement_update:
             progress.phase = MEASURING
         if progress.phase == MEASURING:
             progress.measurement_batches = 0
