@@ -2,22 +2,32 @@
 
 A comparison configuration is an ordinary configuration with a [comparison] section instead of
 [optimizer] and [schedule]: ``seeds``, and one subsection per entry, ``[[<entry id>]]`` with
-``label``, ``optimizer``, ``[[[arguments]]]``, ``schedule`` and ``[[[schedule_arguments]]]``.
-Each entry and seed trains as an ordinary run whose configuration is the comparison's with the
-entry's optimizer and schedule, the seed, ``[experiment] label`` = the entry's label, and the run
-folder ``<runs_folder>/<experiment name>/<entry id>/seed_<seed>/``.
+``label``, ``optimizer``, ``[[[arguments]]]``, ``schedule``, ``[[[schedule_arguments]]]`` and
+``[[[sweep]]]``. Each entry and seed trains as an ordinary run whose configuration is the
+comparison's with the entry's optimizer and schedule, the seed, ``[experiment] label`` = the
+entry's label, and the run folder ``<runs_folder>/<experiment name>/<entry id>/seed_<seed>/``.
+
+An entry with a [[[sweep]]] (optimizer or schedule arguments, each with a list of values) stands
+for one point per combination of values: an entry of its own with those arguments added, the id
+``<entry id>/<point>`` (run folders ``<entry id>/<point>/seed_<seed>/``, e.g. ``sgd/lr_0.1``) and a
+label that names the point ("SGD lr 0.1").
 """
 
 import copy
+import itertools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from source.configuration import COMPARISON, Configuration, key_label, section_label
+from source.configuration.checks import CHECKS, InvalidValue, did_you_mean
 from source.errors import UserError
-from source.training import RunFolder, build_experiment
+from source.optimizer import accepted_arguments
+from source.plotting.curves import arguments_text, value_text
+from source.training import RunFolder, build_experiment, build_optimizer_and_schedule
+from source.training.schedules import accepted_schedule_arguments
 
-__all__ = ["Comparison", "Entry", "EntryRunConfiguration", "read_comparison", "run_name"]
+__all__ = ["Comparison", "Entry", "EntryRunConfiguration", "SweptArgument", "read_comparison", "run_name"]
 
 _ENTRY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 _ENTRY_KEYS = ("label", "optimizer", "arguments", "schedule", "schedule_arguments")
@@ -29,8 +39,22 @@ def run_name(seed):
 
 
 @dataclass(frozen=True)
+class SweptArgument:
+    """One key of an entry's [[[sweep]]]: the argument, where it goes ("arguments": the optimizer's,
+    or "schedule_arguments") and its values in file order."""
+
+    name: str
+    target: str
+    values: tuple
+
+
+@dataclass(frozen=True)
 class Entry:
-    """One optimizer of a comparison, with its arguments, schedule and legend label."""
+    """One optimizer of a comparison, with its arguments, schedule and legend label.
+
+    A swept entry has its ``sweep`` (``SweptArgument``s) and trains as its ``points()``; a point
+    has its swept values in ``point`` and the id of the entry it belongs to in ``swept_entry``.
+    """
 
     id: str
     label: str
@@ -38,6 +62,42 @@ class Entry:
     arguments: dict
     schedule: str
     schedule_arguments: dict
+    sweep: tuple = ()
+    point: dict = field(default_factory=dict)
+    swept_entry: str = ""
+
+    @property
+    def entry_id(self):
+        """The id of the [[entry]] in the configuration: for a sweep point, that of its swept entry."""
+        return self.swept_entry or self.id
+
+    def points(self):
+        """The entries that train: this one, or one per combination of its swept values (in file order)."""
+        if not self.sweep:
+            return (self,)
+        points = []
+        for values in itertools.product(*(swept.values for swept in self.sweep)):
+            point = {swept.name: value for swept, value in zip(self.sweep, values)}
+            arguments = {"arguments": dict(self.arguments), "schedule_arguments": dict(self.schedule_arguments)}
+            for swept, value in zip(self.sweep, values):
+                arguments[swept.target][swept.name] = value
+            points.append(
+                Entry(
+                    id=f"{self.id}/{point_name(point)}",
+                    label=f"{self.label} {arguments_text(point)}",
+                    optimizer=self.optimizer,
+                    schedule=self.schedule,
+                    point=point,
+                    swept_entry=self.id,
+                    **arguments,
+                )
+            )
+        return tuple(points)
+
+
+def point_name(point):
+    """The folder name of a sweep point: "lr_0.1", "step_adaptation_1.8-measurement_interval_500"."""
+    return "-".join(f"{name}_{value_text(value)}" for name, value in point.items())
 
 
 @dataclass(frozen=True)
@@ -46,6 +106,16 @@ class EntryRunConfiguration(Configuration):
     the [comparison] keys they come from, not [optimizer], [schedule] and [experiment] seed."""
 
     entry_id: str = ""
+    point: dict = field(default_factory=dict)
+
+    def where_argument(self, section, argument):
+        """An argument's key in the entry; a swept one's in its [[[sweep]]], with the point's value."""
+        entry = (COMPARISON, self.entry_id)
+        if argument in self.point:
+            path = (*entry, "sweep")
+            return f"{self.origin((*path, argument))}: {key_label(path, argument)} = {value_text(self.point[argument])}"
+        subsection = "arguments" if section == "optimizer" else "schedule_arguments"
+        return f"{self.origin((*entry, subsection, argument))}: {section_label(entry)}"
 
     def where(self, section, key=None):
         entry = (COMPARISON, self.entry_id)
@@ -91,24 +161,36 @@ class Comparison:
             ordered[name] = section
             if name == "model":
                 ordered.update(entry_sections)
-        return EntryRunConfiguration(sections=ordered, source=self.configuration.source, entry_id=entry.id)
+        return EntryRunConfiguration(
+            sections=ordered,
+            source=self.configuration.source,
+            overrides=self.configuration.overrides,
+            entry_id=entry.entry_id,
+            point=entry.point,
+        )
 
     def run_folder(self, entry, seed):
         """The run folder of ``entry``'s run with ``seed``."""
         return RunFolder.of(self.run_configuration(entry, seed))
 
     def runs(self):
-        """(entry, seed) pairs in the order they train: entry by entry, each with every seed."""
-        return [(entry, seed) for entry in self.entries for seed in self.seeds]
+        """(entry, seed) pairs in the order they train: entry by entry (a swept entry point by point),
+        each with every seed."""
+        return [(point, seed) for entry in self.entries for point in entry.points() for seed in self.seeds]
 
     def check_entries_build(self):
-        """Build every entry's experiment (data, model, optimizer, schedule) once, training nothing.
+        """Build every entry's experiment (data, model, optimizer, schedule) once, training nothing;
+        the other points of a swept entry build their optimizer and schedule on its model.
 
-        Raises ``UserError`` naming the entry's key for an optimizer or schedule that its class
-        refuses on the real model, before any run starts.
+        Raises ``UserError`` naming the entry's key (a swept value: its [[[sweep]]] key) for an
+        optimizer or schedule that its class refuses on the real model, before any run starts.
         """
         for entry in self.entries:
-            build_experiment(self.run_configuration(entry, self.seeds[0]))
+            first, *others = entry.points()
+            experiment = build_experiment(self.run_configuration(first, self.seeds[0]))
+            for point in others:
+                configuration = self.run_configuration(point, self.seeds[0])
+                build_optimizer_and_schedule(configuration, experiment.model, len(experiment.splits.train))
 
 
 def read_comparison(configuration):
@@ -139,6 +221,73 @@ def read_comparison(configuration):
                 f"label of {section_label((COMPARISON, labels[values['label']]))} too; give each entry its own label"
             )
         labels[values["label"]] = name
-        entries.append(Entry(name, *(values[key] for key in _ENTRY_KEYS)))
+        entries.append(Entry(name, *(values[key] for key in _ENTRY_KEYS), sweep=_read_sweep(configuration, name, values)))
+    _check_point_labels(configuration, entries)
     seeds = tuple(section["seeds"]) or (configuration["experiment"]["seed"],)
     return Comparison(configuration=configuration, entries=tuple(entries), seeds=seeds)
+
+
+def _listing(given):
+    """A value of the file as it was written: "0.1" or "0.1, 0.1"."""
+    return ", ".join(map(value_text, given)) if isinstance(given, list) else value_text(given)
+
+
+def _check_point_labels(configuration, entries):
+    """Raise ``UserError`` when a sweep point's label is that of another run of the comparison."""
+    owners = {}
+    for entry in entries:
+        for point in entry.points():
+            owner = owners.setdefault(point.label, point.id)
+            if owner != point.id:
+                raise UserError(
+                    f"{configuration.source}: the runs {owner} and {point.id} both have the label {point.label!r}; "
+                    "give the entries labels that the names of their sweep points cannot repeat"
+                )
+
+
+def _read_sweep(configuration, name, values):
+    """The ``SweptArgument``s of entry ``name``'s [[[sweep]]]; ``UserError`` for an argument that
+    neither its optimizer nor its schedule takes, one given twice, or values that are not a list of
+    distinct values that can name a folder."""
+    optimizer_arguments = accepted_arguments(values["optimizer"])
+    schedule_arguments = accepted_schedule_arguments(values["schedule"])
+    path = (COMPARISON, name, "sweep")
+    sweep = []
+    for argument, given in values["sweep"].items():
+        where = f"{configuration.origin((*path, argument))}: {key_label(path, argument)}"
+        if argument in optimizer_arguments:
+            target = "arguments"
+        elif argument in schedule_arguments:
+            target = "schedule_arguments"
+        else:
+            takers = f"optimizer {values['optimizer']!r}"
+            if schedule_arguments:
+                takers += f" or schedule {values['schedule']!r}"
+            known = optimizer_arguments + schedule_arguments
+            raise UserError(
+                f"{where}: {argument} is not an argument of {takers}{did_you_mean(argument, known)}; "
+                f"sweep one of: {', '.join(known)}"
+            )
+        if argument in values[target]:
+            raise UserError(
+                f"{where}: {argument} is set in {section_label((COMPARISON, name, target))} too; "
+                "give it there (one value) or in the sweep (several), not in both"
+            )
+        if not isinstance(given, list) or not given:
+            raise UserError(
+                f"{where} = {_listing(given)!r}: expected a comma-separated list of values, e.g. "
+                f"{argument} = 0.01, 0.1, 1.0 (a single one with a trailing comma: 0.1,)"
+            )
+        if len(set(given)) != len(given):
+            raise UserError(f"{where} = {_listing(given)!r}: a value is listed twice; list each value once")
+        for value in given:
+            try:
+                CHECKS["folder_name"](point_name({argument: value}))
+            except InvalidValue:
+                raise UserError(
+                    f"{where}: the value {value_text(value)!r} cannot name a run folder "
+                    f"({point_name({argument: value})!r}): use values without spaces at their ends, "
+                    "'#', ';', '/' or '\\', of at most 100 characters with the argument's name"
+                ) from None
+        sweep.append(SweptArgument(argument, target, tuple(given)))
+    return tuple(sweep)

@@ -80,11 +80,16 @@ def _check_can_start(comparison, resume):
 
 
 def _is_addition(path, stored, comparison):
-    """Whether a difference only adds an entry, or seeds, to the stored comparison."""
+    """Whether a difference only adds an entry, seeds, or values of a swept argument to the stored comparison."""
     if path[0] != COMPARISON:
         return False
     if path == (COMPARISON, "seeds"):
         return set(read_comparison(stored).seeds) <= set(comparison.seeds)
+    if len(path) == 4 and path[2] == "sweep":
+        _, entry, _, argument = path
+        before = stored[COMPARISON].get(entry, {}).get("sweep", {}).get(argument)
+        after = comparison.configuration[COMPARISON][entry]["sweep"].get(argument)
+        return isinstance(before, list) and isinstance(after, list) and set(before) <= set(after)
     return len(path) == 2 and path[1] not in stored[COMPARISON]
 
 

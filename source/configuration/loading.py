@@ -93,12 +93,15 @@ class Configuration:
             yield
         except UserError as error:
             argument = getattr(error, "argument", None)
-            if argument is not None and self.overrides:
-                origin = self.overrides.get((section, "arguments", argument), self.source)
-                where = f"{origin}: {section_label((section,))}"
-            else:
-                where = self.where(section, key)
+            where = self.where(section, key) if argument is None else self.where_argument(section, argument)
             raise UserError(f"{where}: {error}") from None
+
+    def where_argument(self, section, argument):
+        """Name one of a section's [[arguments]] for messages: its --set, or else the file and the section."""
+        if not self.overrides:
+            return self.where(section)
+        origin = self.overrides.get((section, "arguments", argument), self.source)
+        return f"{origin}: {section_label((section,))}"
 
 
 def load_configuration(path, overrides=()):

@@ -28,6 +28,7 @@ __all__ = [
     "OWNER_FILE",
     "PALETTE",
     "PlottedRun",
+    "arguments_text",
     "check_plot_folder",
     "claim_plot_folder",
     "label_log_axis",
@@ -35,6 +36,7 @@ __all__ = [
     "plot_runs",
     "quality_of",
     "read_metrics",
+    "value_text",
 ]
 
 OWNER_FILE = "run_folder.txt"
@@ -85,9 +87,10 @@ def read_metrics(path):
     return records
 
 
-def _value_text(value):
+def value_text(value):
+    """A configuration value as legends and folder names show it: 0.1, 1e-05, true, 500:2/750:4."""
     if isinstance(value, list):
-        return "/".join(_value_text(item) for item in value)
+        return "/".join(value_text(item) for item in value)
     if isinstance(value, bool) or value is None:
         return str(value).lower()
     if isinstance(value, float):
@@ -95,8 +98,9 @@ def _value_text(value):
     return str(value)
 
 
-def _arguments_text(arguments):
-    return ", ".join(f"{name} {_value_text(value)}" for name, value in arguments.items())
+def arguments_text(arguments):
+    """Arguments as a legend shows them: "lr 0.1, momentum 0.9"."""
+    return ", ".join(f"{name} {value_text(value)}" for name, value in arguments.items())
 
 
 def legend_label(configuration):
@@ -104,10 +108,10 @@ def legend_label(configuration):
     arguments, e.g. "PAL (update_step_adaptation 1.66, measuring_step 1)"."""
     experiment = configuration["experiment"]
     label = experiment.get("label") or experiment["name"]
-    details = [_arguments_text(configuration["optimizer"]["arguments"])]
+    details = [arguments_text(configuration["optimizer"]["arguments"])]
     schedule = configuration["schedule"]
     if schedule["name"] != "none":
-        details.append(" ".join(filter(None, (schedule["name"], _arguments_text(schedule["arguments"])))))
+        details.append(" ".join(filter(None, (schedule["name"], arguments_text(schedule["arguments"])))))
     details = [detail for detail in details if detail]
     return f"{label} ({'; '.join(details)})" if details else label
 

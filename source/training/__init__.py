@@ -4,9 +4,18 @@
 building, data order, evaluation, checkpoints, metric logs, run folder, schedules, losses).
 """
 
-from source.training.experiment import Experiment, build_experiment
+from source.training.experiment import Experiment, build_experiment, build_optimizer_and_schedule
 from source.training.run_folder import RunFolder
 from source.training.runner import run_experiment
 from source.training.trainer import RunOutcome, Trainer
 
-__all__ = ["Experiment", "RunFolder", "RunOutcome", "Trainer", "build_experiment", "run_experiment"]
+__all__ = [
+    "Experiment",
+    "RunFolder",
+    "RunOutcome",
+    "Trainer",
+    "build_experiment",
+    "build_optimizer_and_schedule",
+    "run_experiment",
+]
+

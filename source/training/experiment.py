@@ -25,9 +25,11 @@ from source.training.schedules import build_schedule
 
 __all__ = [
     "AUTOMATIC",
-    "AUTOMATIC_CHOICES",     "Experiment",
+    "AUTOMATIC_CHOICES",
+    "Experiment",
     "TrainingSettings",
     "build_experiment",
+    "build_optimizer_and_schedule",
     "seed_generators",
     "single_process",
 ]
@@ -167,6 +169,31 @@ def _synchronised_batchnorm(configuration, model, distributed):
     return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
+def build_optimizer_and_schedule(configuration, model, training_set_size, process_group=None):
+    """The optimizer and schedule (None for "none") that ``configuration`` gives ``model``.
+
+    A refused argument raises ``UserError`` naming its key; the schedule is rehearsed for the
+    whole run (source/training/schedules.py).
+    """
+    training = configuration["training"]
+    optimizer_section = configuration["optimizer"]
+    with configuration.blame("optimizer"):
+        optimizer = build_optimizer(
+            optimizer_section["name"],
+            model,
+            dict(optimizer_section["arguments"]),
+            training_set_size=training_set_size,
+            inference_batch_size=training["batch_size"],
+            process_group=process_group,
+        )
+    schedule_section = configuration["schedule"]
+    with configuration.blame("schedule"):
+        schedule = build_schedule(
+            schedule_section["name"], optimizer, dict(schedule_section["arguments"]), training["training_steps"]
+        )
+    return optimizer, schedule
+
+
 def build_experiment(configuration, distributed=None):
     """Build the data splits, model, loss, optimizer and schedule that ``configuration`` describes.
 
@@ -201,21 +228,9 @@ def build_experiment(configuration, distributed=None):
     distributed.broadcast_tensors([*model.parameters(), *model.buffers()])
     with configuration.blame("training", "loss"):
         loss_function = choose_loss(training["loss"], splits.task)
-    optimizer_section = configuration["optimizer"]
-    with configuration.blame("optimizer"):
-        optimizer = build_optimizer(
-            optimizer_section["name"],
-            model,
-            dict(optimizer_section["arguments"]),
-            training_set_size=len(splits.train),
-            inference_batch_size=training["batch_size"],
-            process_group=dist.group.WORLD if distributed.is_distributed else None,
-        )
-    schedule_section = configuration["schedule"]
-    with configuration.blame("schedule"):
-        schedule = build_schedule(
-            schedule_section["name"], optimizer, dict(schedule_section["arguments"]), training["training_steps"]
-        )
+    optimizer, schedule = build_optimizer_and_schedule(
+        configuration, model, len(splits.train), process_group=dist.group.WORLD if distributed.is_distributed else None
+    )
     autocast = _autocast_dtype(configuration)
     network = _network(configuration, model, optimizer, distributed)
     # Last: the device pipeline copies the data to the device, which is wasted on a refused configuration.

@@ -15,7 +15,7 @@ from source.configuration.checks import InvalidArgument, check_argument_types, d
 from source.errors import UserError
 from source.optimizer import LineSearch
 
-__all__ = ["NO_SCHEDULE", "available_schedules", "build_schedule"]
+__all__ = ["NO_SCHEDULE", "accepted_schedule_arguments", "available_schedules", "build_schedule"]
 
 NO_SCHEDULE = "none"
 """The schedule name that keeps the optimizer's learning rate as it is."""
@@ -44,6 +44,11 @@ def available_schedules():
 def _accepted_arguments(schedule_class):
     parameters = inspect.signature(schedule_class.__init__).parameters
     return {name: parameter for name, parameter in parameters.items() if name not in ("self", "optimizer")}
+
+
+def accepted_schedule_arguments(name):
+    """The keyword arguments a user may give the schedule ``name`` (none for "none")."""
+    return [] if name == NO_SCHEDULE else list(_accepted_arguments(_schedule_classes()[name]))
 
 
 def _rehearse(schedule_class, optimizer, arguments, training_steps):
