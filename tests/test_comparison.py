@@ -63,6 +63,8 @@ COLUMNS = [
     "entry",
     "label",
     "optimizer",
+    "kind",
+    "point",
     "seeds",
     "best_validation_accuracy_mean",
     "best_validation_accuracy_std",
@@ -165,6 +167,7 @@ def test_results_table_has_one_row_per_entry_with_the_seeds_aggregated(finished)
         tests = [_by_split(records, "test")[0] for records in runs]
         assert row["label"] == {"lab_pal": "LABPAL-NSGD", "sgd": "SGD"}[row["entry"]]
         assert (row["optimizer"], row["seeds"], row["status"]) == (row["entry"], "0 1", "finished")
+        assert (row["kind"], row["point"]) == ("entry", "")
         assert float(row["best_validation_accuracy_mean"]) == pytest.approx(statistics.fmean(best), rel=1e-7)
         assert float(row["best_validation_accuracy_std"]) == pytest.approx(statistics.stdev(best), rel=1e-7)
         accuracies = [test["accuracy"] for test in tests]
@@ -180,7 +183,7 @@ def test_results_table_has_one_row_per_entry_with_the_seeds_aggregated(finished)
     assert (rows[1]["forward_passes"], rows[1]["backward_passes"]) == ("12", "12")
     table = (finished.folder / "results.md").read_text()
     lines = table.splitlines()
-    assert lines[0].startswith("| entry | label | optimizer | seeds | best validation accuracy | test accuracy |")
+    assert lines[0].startswith("| entry | label | optimizer | point | seeds | best validation accuracy | test accuracy |")
     assert [line.split(" | ")[0] for line in lines[2:4]] == ["| lab_pal", "| sgd"] and lines[4] == ""
     mean, std = float(rows[0]["test_accuracy_mean"]), float(rows[0]["test_accuracy_std"])
     assert f"{mean:.4f} ± {std:.4f}" in lines[2]

@@ -110,7 +110,7 @@ def test_results_aggregate_seeds_and_leave_missing_values_empty(tmp_path):
         _run_folder(comparison / "lab", f"seed_{seed}", _classification_records(seed / 10),
                     "experiment.label=L", f"experiment.seed={seed}")  # fmt: skip
     columns, rows = result_rows(collect_entries([comparison]))
-    assert columns[4:8] == [
+    assert columns[6:10] == [
         "best_validation_accuracy_mean",
         "best_validation_accuracy_std",
         "test_accuracy_mean",

@@ -7,21 +7,36 @@ its entries in file order, each with its seeds' runs) or a run folder (an entry 
 folders of a comparison entry, <entry id>/seed_<seed>, join into one entry named <entry id>).
 A run whose metrics hold a "diverged" record is marked so in the status column; it has no test
 result, so the test means are over the seeds that finished.
+
+A swept entry has one row per point and then its "best" row: the point with the best mean
+validation result (highest accuracy, lowest RMSE) over its seeds, with that point's test result;
+a point where a seed diverged is never chosen. The figures draw the chosen point, and the
+sensitivity figures every point (source/plotting/sensitivity.py).
 """
 
 import csv
 import io
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from source.comparison.entries import read_comparison, run_name
+from source.comparison.entries import Entry, read_comparison, run_name
 from source.configuration import load_configuration
 from source.errors import UserError
-from source.plotting.curves import PlottedRun, legend_label, plot_runs, quality_of, read_metrics
+from source.plotting.curves import PlottedRun, legend_label, plot_runs, quality_of, read_metrics, value_text
+from source.plotting.sensitivity import SensitivityLine, SensitivityPoint, plot_sensitivity, sensitivity_file_stem
 
-__all__ = ["EntryRuns", "collect_entries", "result_rows", "write_results"]
+__all__ = [
+    "EntryRuns",
+    "Shown",
+    "choose_point",
+    "collect_entries",
+    "result_rows",
+    "sensitivity_lines",
+    "shown_entries",
+    "write_results",
+]
 
 CSV_FILE = "results.csv"
 MARKDOWN_FILE = "results.md"
@@ -46,11 +61,26 @@ class EntryRuns:
     optimizer: str
     seeds: tuple
     runs: tuple
+    point: dict = field(default_factory=dict)
+    swept: Entry | None = None
+    """For a sweep point: its swept values, and the swept entry it belongs to."""
+    experiment: tuple = ()
+    """The data set and model it trains on."""
 
     @property
     def legend(self):
         """The legend text: the label with the entry's explicit hyper-parameters, from its runs."""
         return legend_label(self.runs[0].configuration) if self.runs else self.label
+
+
+@dataclass(frozen=True)
+class Shown:
+    """An entry as the figures show it: an entry without a sweep, or a swept entry's chosen point
+    (``runs``; None when no point can be chosen yet), with its legend and its short label."""
+
+    label: str
+    legend: str
+    runs: EntryRuns | None
 
 
 def _folder_configuration(folder):
@@ -70,17 +100,27 @@ def _read_run(folder, configuration):
     return RunResult(folder, configuration["experiment"]["seed"], configuration, records)
 
 
+def _experiment(configuration):
+    """The data set and model a run or comparison configuration trains on."""
+    return configuration["data"]["name"], configuration["model"]["name"]
+
+
 def _comparison_entries(folder, configuration):
     comparison = read_comparison(configuration)
     entries = []
     for entry in comparison.entries:
-        run_folders = [folder / entry.id / run_name(seed) for seed in comparison.seeds]
-        runs = [
-            _read_run(run_folder, load_configuration(run_folder / "configuration.txt"))
-            for run_folder in run_folders
-            if (run_folder / "configuration.txt").is_file()
-        ]
-        entries.append(EntryRuns(entry.id, entry.label, entry.optimizer, comparison.seeds, tuple(runs)))
+        for point in entry.points():
+            run_folders = [folder / point.id / run_name(seed) for seed in comparison.seeds]
+            runs = [
+                _read_run(run_folder, load_configuration(run_folder / "configuration.txt"))
+                for run_folder in run_folders
+                if (run_folder / "configuration.txt").is_file()
+            ]
+            swept = entry if entry.sweep else None
+            entries.append(
+                EntryRuns(point.id, point.label, point.optimizer, comparison.seeds, tuple(runs), point.point, swept,
+                          _experiment(configuration))
+            )  # fmt: skip
     return entries
 
 
@@ -110,7 +150,12 @@ def collect_entries(folders):
             if any(earlier.folder.resolve() == run.folder.resolve() for earlier in previous.runs):
                 continue
             entries[entries.index(previous)] = by_key[key] = EntryRuns(
-                previous.id, previous.label, previous.optimizer, previous.seeds + (run.seed,), previous.runs + (run,)
+                previous.id,
+                previous.label,
+                previous.optimizer,
+                previous.seeds + (run.seed,),
+                previous.runs + (run,),
+                experiment=previous.experiment,
             )
             continue
         experiment = configuration["experiment"]
@@ -120,6 +165,7 @@ def collect_entries(folders):
             optimizer=configuration["optimizer"]["name"],
             seeds=(run.seed,),
             runs=(run,),
+            experiment=_experiment(configuration),
         )
         by_key[key] = entry
         entries.append(entry)
@@ -180,18 +226,77 @@ def _status(entry, finished_runs, diverged_runs):
     return f"incomplete ({finished_runs}/{seeds} seeds finished)"
 
 
+def point_text(point):
+    """A sweep point as the tables show it: "lr=0.1, momentum=0.9"."""
+    return ", ".join(f"{name}={value_text(value)}" for name, value in point.items())
+
+
+def _entry_values(entry, quality):
+    """The per-seed values of one entry's runs, by key (see ``_run_values``)."""
+    values = [_run_values(run, quality, quality == "accuracy") for run in entry.runs]
+    return {key: [value[key] for value in values] for key in values[0]} if values else {}
+
+
+def _sweeps(entries):
+    """The entries grouped as the table shows them: (None, [entry]) for an entry without a sweep,
+    (swept entry, [its points]) for a sweep, in order."""
+    groups = []
+    for entry in entries:
+        if entry.swept is not None and groups and groups[-1][0] is entry.swept:
+            groups[-1][1].append(entry)
+        else:
+            groups.append((entry.swept, [entry]))
+    return groups
+
+
+def choose_point(points, quality):
+    """The point of a sweep with the best mean validation result over its seeds (highest accuracy,
+    lowest RMSE; the first of equals), among the points without a diverged seed; None if none has one."""
+    candidates = []
+    for point in points:
+        column = _entry_values(point, quality)
+        mean = _mean(column.get("best_validation", []))
+        if mean is not None and not any(column["diverged"]):
+            candidates.append((mean, point))
+    if not candidates:
+        return None
+    choose = max if quality == "accuracy" else min
+    return choose(candidates, key=lambda candidate: candidate[0])[1]
+
+
+def shown_entries(entries):
+    """What the figures draw (``Shown``s in table order): each entry without a sweep, and each swept
+    entry's chosen point, its legend naming the point as the best of the sweep on validation."""
+    quality = quality_of([run.records for entry in entries for run in entry.runs])
+    shown = []
+    for swept, members in _sweeps(entries):
+        if swept is None:
+            shown.append(Shown(members[0].label, members[0].legend, members[0]))
+            continue
+        chosen = choose_point(members, quality)
+        if chosen is None or not chosen.runs:
+            shown.append(Shown(swept.label, swept.label, None))
+            continue
+        label = f"{swept.label}, best of {len(members)} on validation"
+        shown.append(Shown(swept.label, legend_label(chosen.runs[0].configuration, label=label), chosen))
+    return shown
+
+
 def result_rows(entries):
     """The table: column names, then one row (a dict by column) per entry, seeds aggregated.
 
     Classification reports accuracy columns, regression rmse ones (the best validation value is
     the highest accuracy, or the lowest RMSE). Passes and wall time are means over the seeds.
+    ``kind`` is "entry" for an entry without a sweep, "point" for a sweep point (``point``: its
+    values) and "best" for the point of a sweep chosen on validation.
     """
     quality = quality_of([run.records for entry in entries for run in entry.runs])
-    higher_is_better = quality == "accuracy"
     columns = [
         "entry",
         "label",
         "optimizer",
+        "kind",
+        "point",
         "seeds",
         f"best_validation_{quality}_mean",
         f"best_validation_{quality}_std",
@@ -204,35 +309,55 @@ def result_rows(entries):
         "status",
     ]
     rows = []
-    for entry in entries:
-        values = [_run_values(run, quality, higher_is_better) for run in entry.runs]
-        column = {key: [value[key] for value in values] for key in values[0]} if values else {}
-
-        def mean(key):
-            return _mean(column.get(key, []))
-
-        def whole(key):
-            average = mean(key)
-            return None if average is None else round(average)
-
-        rows.append(
-            {
-                "entry": entry.id,
-                "label": entry.label,
-                "optimizer": entry.optimizer,
-                "seeds": " ".join(map(str, entry.seeds)),
-                f"best_validation_{quality}_mean": mean("best_validation"),
-                f"best_validation_{quality}_std": _std(column.get("best_validation", [])),
-                f"test_{quality}_mean": mean("test"),
-                f"test_{quality}_std": _std(column.get("test", [])),
-                "final_training_loss_mean": mean("final_training_loss"),
-                "wall_time_seconds_mean": mean("wall_time_seconds"),
-                "forward_passes": whole("forward_passes"),
-                "backward_passes": whole("backward_passes"),
-                "status": _status(entry, sum(column.get("finished", [])), sum(column.get("diverged", []))),
-            }
-        )
+    for swept, members in _sweeps(entries):
+        for entry in members:
+            rows.append(_row(entry, quality, "entry" if swept is None else "point"))
+        if swept is None:
+            continue
+        chosen = choose_point(members, quality)
+        if chosen is not None:
+            best = _row(chosen, quality, "best")
+        else:
+            best = dict.fromkeys(columns)
+            every_diverged = all(any(_entry_values(point, quality).get("diverged", [])) for point in members)
+            best.update(
+                point="",
+                seeds=rows[-1]["seeds"],
+                status="none chosen: every point diverged" if every_diverged else "none chosen: no validation result yet",
+            )
+        best.update(entry=swept.id, label=swept.label, optimizer=swept.optimizer, kind="best")
+        rows.append(best)
     return columns, rows
+
+
+def _row(entry, quality, kind):
+    """One table row: ``entry``'s values, seeds aggregated."""
+    column = _entry_values(entry, quality)
+
+    def mean(key):
+        return _mean(column.get(key, []))
+
+    def whole(key):
+        average = mean(key)
+        return None if average is None else round(average)
+
+    return {
+        "entry": entry.id,
+        "label": entry.label,
+        "optimizer": entry.optimizer,
+        "kind": kind,
+        "point": point_text(entry.point),
+        "seeds": " ".join(map(str, entry.seeds)),
+        f"best_validation_{quality}_mean": mean("best_validation"),
+        f"best_validation_{quality}_std": _std(column.get("best_validation", [])),
+        f"test_{quality}_mean": mean("test"),
+        f"test_{quality}_std": _std(column.get("test", [])),
+        "final_training_loss_mean": mean("final_training_loss"),
+        "wall_time_seconds_mean": mean("wall_time_seconds"),
+        "forward_passes": whole("forward_passes"),
+        "backward_passes": whole("backward_passes"),
+        "status": _status(entry, sum(column.get("finished", [])), sum(column.get("diverged", []))),
+    }
 
 
 def _csv_value(value):
@@ -268,6 +393,7 @@ def _markdown_text(columns, rows):
         "entry",
         "label",
         "optimizer",
+        "point",
         "seeds",
         f"best validation {words}",
         f"test {words}",
@@ -283,6 +409,7 @@ def _markdown_text(columns, rows):
             row["entry"],
             row["label"].replace("|", "\\|"),
             row["optimizer"],
+            f"**best**: {row['point'] or '–'}" if row["kind"] == "best" else row["point"],
             row["seeds"],
             spread(row, f"best_validation_{quality}"),
             spread(row, f"test_{quality}"),
@@ -294,6 +421,8 @@ def _markdown_text(columns, rows):
         ]
         lines.append("| " + " | ".join(cells) + " |")
     note = "Mean ± sample standard deviation over the seeds; test: the checkpoint of best validation."
+    if any(row["kind"] == "best" for row in rows):
+        note += f" best: the point of the sweep with the best mean validation {words}, none with a diverged seed."
     return "\n".join(lines) + f"\n\n{note}\n"
 
 
@@ -305,10 +434,10 @@ def _dataset_and_model(entries):
     return ", ".join(datasets), ", ".join(models)
 
 
-def write_results(entries, out):
+def write_results(entries, out, colours=None):
     """Write results.csv, results.md and the figures (.png and .pdf) of ``entries`` (from
-    ``collect_entries``) into ``out``. Returns the paths written (figures: their PNG files) and
-    the Markdown table.
+    ``collect_entries``) into ``out``; ``colours`` maps labels to colour indices (default: by
+    position). Returns the paths written (figures: their PNG files) and the Markdown table.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -317,13 +446,56 @@ def write_results(entries, out):
     (out / CSV_FILE).write_text(_csv_text(columns, rows), encoding="utf-8")
     (out / MARKDOWN_FILE).write_text(table, encoding="utf-8")
     dataset, model = _dataset_and_model(entries)
+    shown = shown_entries(entries)
     figures = plot_runs(
         [
-            PlottedRun(entry.legend, tuple(run.folder / "metrics.jsonl" for run in entry.runs), entry.label)
-            for entry in entries
-        ],
+            PlottedRun(item.legend, tuple(run.folder / "metrics.jsonl" for run in item.runs.runs) if item.runs else (),
+                       item.label, colours.get(item.label) if colours else None)
+            for item in shown
+        ],  # fmt: skip
         out,
         dataset=dataset,
         model=model,
     )
+    figures += _sensitivity_figures(entries, out, f"{dataset} {model}", colours)
     return [out / CSV_FILE, out / MARKDOWN_FILE, *figures], table
+
+
+def sensitivity_lines(entries, colours=None):
+    """{swept argument: one ``SensitivityLine`` per entry that sweeps it}, each point the best
+    validation results over the seeds of the best point with that value (a point where a seed
+    diverged counts as diverged), coloured as the entry is in the other figures."""
+    quality = quality_of([run.records for entry in entries for run in entry.runs])
+    colours = colours or {item.label: index for index, item in enumerate(shown_entries(entries))}
+    lines = {}
+    for swept, members in _sweeps(entries):
+        if swept is None:
+            continue
+        for argument in swept.sweep:
+            points = []
+            for value in argument.values:
+                having = [member for member in members if member.point[argument.name] == value]
+                chosen = choose_point(having, quality)
+                results = [] if chosen is None else _entry_values(chosen, quality)["best_validation"]
+                diverged = chosen is None and any(any(_entry_values(member, quality).get("diverged", [])) for member in having)
+                points.append(SensitivityPoint(value, tuple(result for result in results if result is not None), diverged))
+            lines.setdefault(argument.name, []).append(SensitivityLine(swept.label, colours[swept.label], tuple(points)))
+    return lines
+
+
+def _sensitivity_figures(entries, out, experiment, colours):
+    """The sensitivity figure of each swept argument (see source/plotting/sensitivity.py); PNG paths."""
+    words = "accuracy" if quality_of([run.records for entry in entries for run in entry.runs]) == "accuracy" else "RMSE"
+    lines = sensitivity_lines(entries, colours)
+    written = [
+        plot_sensitivity(
+            out,
+            argument,
+            argument_lines,
+            stem=sensitivity_file_stem(argument, lines),
+            title=f"sensitivity to {argument} {experiment}",
+            y_label=f"best validation {words}",
+        )
+        for argument, argument_lines in lines.items()
+    ]
+    return [path for path in written if path is not None]

@@ -27,12 +27,17 @@ from source.errors import UserError
 __all__ = [
     "OWNER_FILE",
     "PALETTE",
+    "Panel",
     "PlottedRun",
     "arguments_text",
     "check_plot_folder",
     "claim_plot_folder",
+    "draw_dots",
+    "draw_lines",
+    "figure_panels",
     "label_log_axis",
     "legend_label",
+    "measurement_handle",
     "plot_runs",
     "quality_of",
     "read_metrics",
@@ -56,11 +61,13 @@ _METADATA = {".png": {}, ".pdf": {"CreationDate": None}}
 @dataclass(frozen=True)
 class PlottedRun:
     """One entry to draw: its legend label, the metrics files of its runs (one per seed; a single
-    path is one run), and a short label for the axis of the test figure (default: the label)."""
+    path is one run), a short label for the axis of the test figure (default: the label), and its
+    colour's index in ``PALETTE`` (default: its position among the entries drawn)."""
 
     label: str
     metrics_paths: tuple
     short_label: str | None = None
+    colour: int | None = None
 
     def __post_init__(self):
         paths = self.metrics_paths
@@ -103,11 +110,11 @@ def arguments_text(arguments):
     return ", ".join(f"{name} {value_text(value)}" for name, value in arguments.items())
 
 
-def legend_label(configuration):
-    """A run's legend text: [experiment] label (or name) and its explicit optimizer and schedule
-    arguments, e.g. "PAL (update_step_adaptation 1.66, measuring_step 1)"."""
+def legend_label(configuration, label=None):
+    """A run's legend text: ``label`` (default: [experiment] label, or name) and its explicit optimizer
+    and schedule arguments, e.g. "PAL (update_step_adaptation 1.66, measuring_step 1)"."""
     experiment = configuration["experiment"]
-    label = experiment.get("label") or experiment["name"]
+    label = label or experiment.get("label") or experiment["name"]
     details = [arguments_text(configuration["optimizer"]["arguments"])]
     schedule = configuration["schedule"]
     if schedule["name"] != "none":
@@ -229,54 +236,83 @@ class _PositiveTicks(MaxNLocator):
         return [value for value in super().tick_values(vmin, vmax) if value > 0]
 
 
-def _line_figure(stem, title, y_label, curves, *, log_scale, marks=(), mark_label=None, levels=False):
-    """Draw ``curves`` ((index, label, per-seed {step: value} series) triples) and ``marks`` ((index,
-    steps, values) of events); return the PNG path, or None when no curve has a point.
+@dataclass(frozen=True)
+class Panel:
+    """What one figure shows, or one panel of a figure grid (source/plotting/report.py).
+
+    ``name`` is the file name's stem ("learning_rate", "validation_accuracy", ...), ``title`` the
+    metric in words and ``axis_label`` the label of its value axis. A line panel has ``curves``
+    ((colour index, label, per-seed {step: value} series) triples) and ``marks`` ((colour index,
+    steps, values) of events); a dot panel ``dots`` ((colour index, short label, values over seeds)).
+    ``levels``: the values are piecewise constant, drawn as steps on an axis from 0.
+    """
+
+    name: str
+    title: str
+    axis_label: str
+    curves: tuple = ()
+    dots: tuple = ()
+    marks: tuple = ()
+    mark_label: str | None = None
+    log_scale: bool = False
+    levels: bool = False
+
+    @property
+    def bands(self):
+        """(colour index, label, (steps, mean, minimum, maximum)) of each curve with a point."""
+        bands = [(index, label, _band(series)) for index, label, series in self.curves]
+        return [(index, label, band) for index, label, band in bands if band[0]]
+
+    @property
+    def is_empty(self):
+        return not self.dots and not self.bands
+
+
+def draw_lines(axes, panel):
+    """Draw a line panel into ``axes``; returns the legend's handles and labels.
 
     A curve that coincides with later ones (Adam and AdamW at one learning rate, most batch
-    sizes) is drawn wider than they are, so that each shows as a stripe. ``levels``: the values
-    are piecewise constant, drawn as steps on an axis from 0.
+    sizes) is drawn wider than they are, so that each shows as a stripe.
     """
-    bands = [(index, label, _band(series)) for index, label, series in curves]
-    bands = [(index, label, band) for index, label, band in bands if band[0]]
-    if not bands:
-        return None
-    labels = [label for _, label, _ in bands]
-    figure, axes = _new_figure(title, 4.2 + _legend_height(labels))
-    handles = []
+    bands = panel.bands
+    handles, labels = [], []
     for position, (index, label, (steps, mean, low, high)) in enumerate(bands):
         colour, line_style = _style(index)
         hidden_under = sum(later[2][:2] == (steps, mean) for later in bands[position + 1:])
         width = 1.2 + 1.0 * hidden_under
-        drawstyle = "steps-post" if levels else "default"
+        drawstyle = "steps-post" if panel.levels else "default"
         (line,) = axes.plot(steps, mean, color=colour, linestyle=line_style, linewidth=width, drawstyle=drawstyle)
         if low != high:
-            axes.fill_between(steps, low, high, color=colour, alpha=0.2, linewidth=0, step="post" if levels else None)
+            axes.fill_between(steps, low, high, color=colour, alpha=0.2, linewidth=0,
+                              step="post" if panel.levels else None)  # fmt: skip
         handles.append(line)
-    for index, steps, values in marks:
+        labels.append(label)
+    for index, steps, values in panel.marks:
         colour, _ = _style(index)
         axes.plot(steps, values, linestyle="none", marker="o", markersize=4, color=colour, markeredgecolor="black",
                   markeredgewidth=0.5)  # fmt: skip
-    if marks and mark_label:
-        handles.append(Line2D([], [], linestyle="none", marker="o", markersize=4, color="white",
-                              markeredgecolor="black", markeredgewidth=0.5))  # fmt: skip
-        labels.append(mark_label)
+    if panel.marks and panel.mark_label:
+        handles.append(measurement_handle())
+        labels.append(panel.mark_label)
     axes.set_xlabel("training step")
-    axes.set_ylabel(y_label)
-    if log_scale:
+    axes.set_ylabel(panel.axis_label)
+    if panel.log_scale:
         axes.set_yscale("log")
         label_log_axis(axes.yaxis)
-    if levels:
+    if panel.levels:
         axes.set_ylim(bottom=0)
-    _legend(figure, handles, labels)
-    return _save(figure, stem)
+    return handles, labels
 
 
-def _dot_figure(stem, title, x_label, dots):
-    """One dot per (index, short label, values over seeds): the mean, with min–max bars over seeds."""
-    if not dots:
-        return None
-    figure, axes = _new_figure(title, 1.6 + 0.42 * len(dots))
+def measurement_handle():
+    """The legend's sample of a measurement mark."""
+    return Line2D([], [], linestyle="none", marker="o", markersize=4, color="white", markeredgecolor="black",
+                  markeredgewidth=0.5)  # fmt: skip
+
+
+def draw_dots(axes, panel, *, annotate=True):
+    """Draw a dot panel into ``axes``: per entry the mean, with min–max bars over its seeds."""
+    dots = panel.dots
     several = any(len(values) > 1 for _, _, values in dots)
     for position, (index, _, values) in enumerate(dots):
         colour, _ = _style(index)
@@ -285,34 +321,31 @@ def _dot_figure(stem, title, x_label, dots):
                       markersize=7)  # fmt: skip
         if len(values) > 1:
             axes.plot(values, [position] * len(values), linestyle="none", marker="|", markersize=10, color=colour)
-        axes.annotate(f"{mean:.4f}", (high, position), xytext=(8, 0), textcoords="offset points", va="center")
+        if annotate:
+            axes.annotate(f"{mean:.4f}", (high, position), xytext=(8, 0), textcoords="offset points", va="center")
     axes.set_yticks(range(len(dots)), [label for _, label, _ in dots])
     axes.invert_yaxis()
     axes.margins(x=0.2, y=0.5 / len(dots))
-    axes.set_xlabel(x_label + ("; dot: mean, bar: min–max over seeds" if several else ""))
-    return _save(figure, stem)
+    axes.set_xlabel(panel.axis_label + ("; dot: mean, bar: min–max over seeds" if several else ""))
 
 
-def plot_runs(runs, folder, *, dataset, model):
-    """Draw the figures of ``runs`` (``PlottedRun``s) into ``folder`` as .png and .pdf.
-
-    Writes learning_rate, training_loss, validation_accuracy, test_accuracy and
-    training_batch_size (regression: validation_rmse, test_rmse). Returns the paths of the PNG
-    files; each has its PDF beside it.
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    entries = [(index, run, [read_metrics(path) for path in run.metrics_paths]) for index, run in enumerate(runs)]
+def figure_panels(runs):
+    """The panels of ``runs`` (``PlottedRun``s): learning rate, training loss, validation accuracy
+    (or RMSE), test accuracy (or RMSE) and training batch size; each may be empty. A run's colour
+    is its ``colour`` index, else its position in ``runs``."""
+    entries = [
+        (index if run.colour is None else run.colour, run, [read_metrics(path) for path in run.metrics_paths])
+        for index, run in enumerate(runs)
+    ]
     entries = [(index, run, seeds) for index, run, seeds in entries if seeds]
     quality = quality_of([records for _, _, seeds in entries for records in seeds])
     words = "accuracy" if quality == "accuracy" else "RMSE"
-    suffix = f"{dataset} {model}"
 
     def curves(split, key, positive_only=False):
-        return [
+        return tuple(
             (index, run.label, [_per_step(records, split, key, positive_only=positive_only) for records in seeds])
             for index, run, seeds in entries
-        ]
+        )
 
     measurements = []
     for index, _, seeds in entries:
@@ -334,47 +367,42 @@ def plot_runs(runs, folder, *, dataset, model):
         values = [value for series in values for value in series.values()]
         if values:
             tests.append((index, run.short_label, values))
-    written = [
+    return [
         # A learning rate of 0 (a line search before its first measurement) has no place on a log scale.
-        _line_figure(
-            folder / "learning_rate",
-            f"learning rate {suffix}",
-            "learning rate",
-            curves("training", "learning_rate", positive_only=True),
-            log_scale=True,
-            marks=measurements,
-            mark_label="measurement",
-        ),
-        _line_figure(
-            folder / "training_loss",
-            f"training loss {suffix}",
-            "training loss",
-            curves("training", "loss", positive_only=True),
-            log_scale=True,
-        ),
-        _line_figure(
-            folder / f"validation_{quality}",
-            f"validation {words} {suffix}",
-            f"validation {words}",
-            curves("validation", quality),
-            log_scale=False,
-        ),
-        _dot_figure(
-            folder / f"test_{quality}",
-            f"test {words} {suffix}",
-            f"test {words} of the best validation checkpoint",
-            tests,
-        ),
-        _line_figure(
-            folder / "training_batch_size",
-            f"training batch size {suffix}",
-            "training batch size (samples)",
-            curves("training", "training_batch_size"),
-            log_scale=False,
-            levels=True,
-        ),
-    ]
-    return [path for path in written if path is not None]
+        Panel("learning_rate", "learning rate", "learning rate", curves("training", "learning_rate", True),
+              marks=tuple(measurements), mark_label="measurement", log_scale=True),
+        Panel("training_loss", "training loss", "training loss", curves("training", "loss", True), log_scale=True),
+        Panel(f"validation_{quality}", f"validation {words}", f"validation {words}", curves("validation", quality)),
+        Panel(f"test_{quality}", f"test {words}", f"test {words} of the best validation checkpoint",
+              dots=tuple(tests)),
+        Panel("training_batch_size", "training batch size", "training batch size (samples)",
+              curves("training", "training_batch_size"), levels=True),
+    ]  # fmt: skip
+
+
+def plot_runs(runs, folder, *, dataset, model):
+    """Draw the figures of ``runs`` (``PlottedRun``s) into ``folder`` as .png and .pdf.
+
+    Writes learning_rate, training_loss, validation_accuracy, test_accuracy and
+    training_batch_size (regression: validation_rmse, test_rmse), each titled
+    "<metric> <data set> <model>", leaving out those with nothing to draw. Returns the paths of
+    the PNG files; each has its PDF beside it.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for panel in figure_panels(runs):
+        if panel.is_empty:
+            continue
+        title = f"{panel.title} {dataset} {model}"
+        if panel.dots:
+            figure, axes = _new_figure(title, 1.6 + 0.42 * len(panel.dots))
+            draw_dots(axes, panel)
+        else:
+            figure, axes = _new_figure(title, 4.2 + _legend_height([label for _, label, _ in panel.bands]))
+            _legend(figure, *draw_lines(axes, panel))
+        written.append(_save(figure, folder / panel.name))
+    return written
 
 
 def _owner(folder):

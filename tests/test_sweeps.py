@@ -1,0 +1,332 @@
+"""Sweeps in comparisons: expansion into points, the point chosen on validation, sensitivity figures, bad input."""
+
+import contextlib
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+import main
+from source.comparison import collect_entries, read_comparison, result_rows, write_results
+from source.comparison.results import sensitivity_lines
+from source.configuration import format_configuration, load_configuration
+from source.plotting import read_metrics
+
+# 1,150 digits training images / 32 = 35 steps per epoch; evaluations at 3 and 6.
+SWEEP = """\
+[experiment]
+name = swept
+device = cpu
+cpu_threads = 1
+[data]
+name = digits
+[model]
+name = small_cnn
+[training]
+training_steps = 6
+batch_size = 32
+evaluate_every_steps = 3
+[logging]
+progress_bar = false
+log_every_steps = 3
+tensorboard = false
+[comparison]
+seeds = 0
+    [[lab_pal]]
+    label = LABPAL-NSGD
+    optimizer = lab_pal
+        [[[sweep]]]
+        step_adaptation = 1.2, 1.8
+        measurement_interval = 500, 1000
+    [[sgd]]
+    label = SGD
+    optimizer = sgd
+    schedule = MultiStepLR
+        [[[arguments]]]
+        momentum = 0.9
+        [[[schedule_arguments]]]
+        milestones = 3, 5
+        [[[sweep]]]
+        lr = 0.01, 0.1
+        gamma = 0.5,
+    [[adam]]
+    label = Adam
+    optimizer = adam
+"""
+
+
+def _main(arguments):
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        status = main.main(arguments)
+    return status, output.getvalue()
+
+
+def _read_csv(path):
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sweep.txt").write_text(SWEEP)
+    return tmp_path
+
+
+def test_a_swept_entry_becomes_one_run_per_combination_and_seed_with_a_label_naming_the_point(workspace):
+    comparison = read_comparison(load_configuration("sweep.txt", ["comparison.seeds=0,1"]))
+    runs = [(entry.id, seed) for entry, seed in comparison.runs()]
+    lab_pal_points = [
+        "lab_pal/step_adaptation_1.2-measurement_interval_500",
+        "lab_pal/step_adaptation_1.2-measurement_interval_1000",
+        "lab_pal/step_adaptation_1.8-measurement_interval_500",
+        "lab_pal/step_adaptation_1.8-measurement_interval_1000",
+    ]
+    points = [*lab_pal_points, "sgd/lr_0.01-gamma_0.5", "sgd/lr_0.1-gamma_0.5", "adam"]
+    assert runs == [(point, seed) for point in points for seed in (0, 1)]
+    by_id = {entry.id: entry for entry, _ in comparison.runs()}
+    first = by_id[lab_pal_points[1]]
+    assert first.label == "LABPAL-NSGD step_adaptation 1.2, measurement_interval 1000"
+    assert first.arguments == {"step_adaptation": 1.2, "measurement_interval": 1000}
+    assert (first.point, first.swept_entry, first.entry_id) == (first.arguments, "lab_pal", "lab_pal")
+    # A swept argument goes where its class takes it: lr to the optimizer, gamma to the schedule.
+    sgd = by_id["sgd/lr_0.1-gamma_0.5"]
+    assert sgd.arguments == {"momentum": 0.9, "lr": 0.1}
+    assert sgd.schedule_arguments == {"milestones": [3, 5], "gamma": 0.5}
+    assert sgd.label == "SGD lr 0.1, gamma 0.5"
+    configuration = comparison.run_configuration(sgd, 1)
+    assert configuration["experiment"]["label"] == "SGD lr 0.1, gamma 0.5"
+    assert configuration["optimizer"] == {"name": "sgd", "arguments": {"momentum": 0.9, "lr": 0.1}}
+    assert configuration["schedule"]["arguments"] == {"milestones": [3, 5], "gamma": 0.5}
+    assert comparison.run_folder(sgd, 1).path == Path("runs/swept/sgd/lr_0.1-gamma_0.5/seed_1")
+    assert by_id["adam"].point == {} and comparison.run_folder(by_id["adam"], 0).path == Path("runs/swept/adam/seed_0")
+
+
+# Each case: replacements in SWEEP (old, new), extra arguments, fragments of the one-line message.
+BAD_SWEEPS = {
+    "unknown argument": (
+        [("lr = 0.01, 0.1", "lrr = 0.01, 0.1")],
+        [],
+        ["sweep.txt: [comparison] [[sgd]] [[[sweep]]] lrr: lrr is not an argument of optimizer 'sgd' or schedule "
+         "'MultiStepLR' (did you mean 'lr'?); sweep one of: lr, momentum"],
+    ),
+    "unknown argument from --set": (
+        [],
+        ["--set", "comparison.adam.sweep.betas2=0.9,0.99"],
+        ["--set comparison.adam.sweep.betas2=0.9,0.99: [comparison] [[adam]] [[[sweep]]] betas2", "'betas'"],
+    ),
+    "a single value": (
+        [("lr = 0.01, 0.1", "lr = 0.1")],
+        [],
+        ["[[[sweep]]] lr = '0.1': expected a comma-separated list of values", "trailing comma: 0.1,"],
+    ),
+    "a value twice": (
+        [("lr = 0.01, 0.1", "lr = 0.1, 0.10")], [], ["[[[sweep]]] lr = '0.1, 0.1': a value is listed twice"]
+    ),
+    "swept and set": (
+        [("lr = 0.01, 0.1", "momentum = 0.5, 0.9")],
+        [],
+        ["[[[sweep]]] momentum: momentum is set in [comparison] [[sgd]] [[[arguments]]] too"],
+    ),
+    "wrong type": (
+        [("lr = 0.01, 0.1", "lr = 0.01, fast")],
+        [],
+        ["sweep.txt: [comparison] [[sgd]] [[[sweep]]] lr = fast: argument lr = 'fast': expected a number"],
+    ),
+    "value the optimizer refuses": (
+        [("step_adaptation = 1.2, 1.8", "step_adaptation = 1.2, -1")],
+        [],
+        ["sweep.txt: [comparison] [[lab_pal]] [[[sweep]]] step_adaptation = -1: optimizer 'lab_pal' refuses"],
+    ),
+    "value the schedule fails with": (
+        [("gamma = 0.5,", "gamma = 0.5, -1")],
+        [],
+        ["[comparison] [[sgd]] [[[sweep]]] gamma = -1: MultiStepLR fails at training step 3 of 6"],
+    ),
+    "value that cannot name a folder": (
+        [("lr = 0.01, 0.1", "lr = 0.01, 0.1\n        foreach = a/b, none")],
+        [],
+        ["[[[sweep]]] foreach: the value 'a/b' cannot name a run folder ('foreach_a/b')"],
+    ),
+    "point label of another entry": (
+        [("label = Adam", 'label = "SGD lr 0.1, gamma 0.5"')],
+        [],
+        ["the runs sgd/lr_0.1-gamma_0.5 and adam both have the label 'SGD lr 0.1, gamma 0.5'"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SWEEPS))
+def test_bad_sweep_exits_2_with_one_line_before_anything_runs(workspace, capsys, case):
+    replacements, arguments, fragments = BAD_SWEEPS[case]
+    text = SWEEP
+    for old, new in replacements:
+        assert old in text
+        text = text.replace(old, new)
+    (workspace / "sweep.txt").write_text(text)
+    assert main.main(["--config", "sweep.txt", *arguments]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and error.count("\n") == 1
+    for fragment in fragments:
+        assert fragment in error
+    assert not (workspace / "runs").exists()
+
+
+SWEEP_FOLDER = """\
+[experiment]
+name = chosen
+[comparison]
+seeds = 0, 1
+    [[sgd]]
+    label = SGD
+    optimizer = sgd
+        [[[sweep]]]
+        lr = 0.01, 0.1, 1.0, 3.0
+    [[adam]]
+    label = Adam
+    optimizer = adam
+"""
+
+# Per point and seed: the validation accuracies (at steps 10 and 20) and the test accuracy. lr 0.1
+# is best on validation (means 0.90), lr 1.0 best on test; lr 3.0 is best on validation of all
+# but one of its seeds diverged; lr 0.01 has not finished its second seed.
+METRICS = {
+    "lr_0.01": {0: ([0.50, 0.60], 0.61), 1: ([0.55], None)},
+    "lr_0.1": {0: ([0.80, 0.92], 0.70), 1: ([0.88, 0.86], 0.72)},
+    "lr_1": {0: ([0.85, 0.80], 0.95), 1: ([0.86, 0.84], 0.93)},
+    "lr_3": {0: ([0.99, 0.98], 0.97), 1: ([0.99], "diverged")},
+}
+
+
+def _records(validation, test):
+    records = [{"step": 5, "split": "training", "loss": 1.0, "accuracy": 0.5, "learning_rate": 0.1}]
+    records += [
+        {"step": 10 * number, "split": "validation", "loss": 0.5, "accuracy": accuracy, "elapsed_seconds": 1.0}
+        for number, accuracy in enumerate(validation, start=1)
+    ]
+    if test == "diverged":
+        records.append({"step": 25, "split": "diverged", "reason": "the training loss is not finite"})
+    elif test is not None:
+        records.append({"step": 20, "split": "test", "loss": 0.4, "accuracy": test, "best_step": 10})
+    return records
+
+
+def _swept_comparison_folder(root, metrics=METRICS):
+    """A comparison folder as a swept comparison leaves it: configuration.txt files and metrics.jsonl."""
+    folder = root / "chosen"
+    folder.mkdir()
+    (root / "chosen.txt").write_text(SWEEP_FOLDER)
+    comparison = read_comparison(load_configuration(root / "chosen.txt"))
+    (folder / "configuration.txt").write_text(SWEEP_FOLDER)
+    for entry, seed in comparison.runs():
+        if entry.id == "adam":
+            continue
+        run = folder / entry.id / f"seed_{seed}"
+        run.mkdir(parents=True)
+        configuration = comparison.run_configuration(entry, seed)
+        (run / "configuration.txt").write_text(format_configuration(configuration, ["test run"]))
+        validation, test = metrics[entry.id.split("/")[1]][seed]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in _records(validation, test)))
+    return folder
+
+
+def test_the_best_row_is_the_point_best_on_validation_not_on_test(tmp_path):
+    columns, rows = result_rows(collect_entries([_swept_comparison_folder(tmp_path)]))
+    assert columns[:6] == ["entry", "label", "optimizer", "kind", "point", "seeds"]
+    assert [(row["entry"], row["kind"], row["point"]) for row in rows] == [
+        ("sgd/lr_0.01", "point", "lr=0.01"),
+        ("sgd/lr_0.1", "point", "lr=0.1"),
+        ("sgd/lr_1", "point", "lr=1"),
+        ("sgd/lr_3", "point", "lr=3"),
+        ("sgd", "best", "lr=0.1"),
+        ("adam", "entry", ""),
+    ]
+    points = {row["entry"]: row for row in rows}
+    assert points["sgd/lr_0.1"]["best_validation_accuracy_mean"] == pytest.approx(0.90)
+    assert points["sgd/lr_1"]["best_validation_accuracy_mean"] == pytest.approx(0.855)
+    assert points["sgd/lr_3"]["status"] == "diverged (1/2 seeds; 1/2 finished)"
+    assert points["sgd/lr_0.01"]["status"] == "incomplete (1/2 seeds finished)"
+    best = rows[4]
+    assert (best["label"], best["optimizer"], best["seeds"], best["status"]) == ("SGD", "sgd", "0 1", "finished")
+    assert best["best_validation_accuracy_mean"] == pytest.approx(0.90)
+    assert best["test_accuracy_mean"] == pytest.approx(0.71) and best["test_accuracy_std"] == pytest.approx(0.02**0.5 / 10)
+    assert rows[5]["status"] == "not started"
+
+
+def test_the_lowest_validation_rmse_is_chosen_for_regression(tmp_path):
+    folder = _swept_comparison_folder(tmp_path)
+    for path in folder.glob("sgd/*/seed_*/metrics.jsonl"):
+        records = [
+            {key.replace("accuracy", "rmse"): value for key, value in record.items()} for record in read_metrics(path)
+        ]
+        path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    _, rows = result_rows(collect_entries([folder]))
+    best = next(row for row in rows if row["kind"] == "best")
+    # Means of the lowest validation RMSE over the seeds: lr 0.01 0.525, lr 0.1 0.83, lr 1 0.82 (lr 3 diverged).
+    assert best["point"] == "lr=0.01" and best["best_validation_rmse_mean"] == pytest.approx(0.525)
+
+
+def test_no_point_is_chosen_while_none_has_a_validation_result(tmp_path):
+    empty = {name: {0: ([], None), 1: ([], None)} for name in METRICS}
+    _, rows = result_rows(collect_entries([_swept_comparison_folder(tmp_path, empty)]))
+    best = rows[4]
+    assert (best["entry"], best["kind"], best["point"]) == ("sgd", "best", "")
+    assert best["status"] == "none chosen: no validation result yet" and best["test_accuracy_mean"] is None
+
+
+def test_sensitivity_shows_each_value_over_the_seeds_and_marks_diverged_points(tmp_path):
+    entries = collect_entries([_swept_comparison_folder(tmp_path)])
+    lines = sensitivity_lines(entries)
+    assert list(lines) == ["lr"] and [line.label for line in lines["lr"]] == ["SGD"]
+    (line,) = lines["lr"]
+    assert line.colour_index == 0
+    assert [(point.value, point.results, point.diverged) for point in line.points] == [
+        (0.01, (0.60, 0.55), False),
+        (0.1, (0.92, 0.88), False),
+        (1.0, (0.85, 0.86), False),
+        (3.0, (), True),
+    ]
+    files, table = write_results(entries, tmp_path / "out")
+    assert tmp_path / "out" / "sensitivity.png" in files
+    assert (tmp_path / "out" / "sensitivity.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert (tmp_path / "out" / "sensitivity.pdf").read_bytes().startswith(b"%PDF")
+    assert "| sgd | SGD | sgd | **best**: lr=0.1 | 0 1 | 0.9000 ± 0.0283 | 0.7100 ± 0.0141 |" in table
+
+
+def test_a_swept_comparison_trains_every_point_draws_the_chosen_one_and_resumes_with_added_values(workspace):
+    overrides = ["--set", "comparison.lab_pal.sweep.measurement_interval=500,"]
+    status, output = _main(["--config", "sweep.txt", *overrides])
+    assert status == 0
+    assert "[1/5] lab_pal/step_adaptation_1.2-measurement_interval_500 (LABPAL-NSGD step_adaptation 1.2, " in output
+    folder = workspace / "runs" / "swept"
+    rows = _read_csv(folder / "results.csv")
+    assert [(row["entry"], row["kind"]) for row in rows] == [
+        ("lab_pal/step_adaptation_1.2-measurement_interval_500", "point"),
+        ("lab_pal/step_adaptation_1.8-measurement_interval_500", "point"),
+        ("lab_pal", "best"),
+        ("sgd/lr_0.01-gamma_0.5", "point"),
+        ("sgd/lr_0.1-gamma_0.5", "point"),
+        ("sgd", "best"),
+        ("adam", "entry"),
+    ]
+    assert all(row["status"] == "finished" for row in rows)
+    for best in (rows[2], rows[5]):
+        points = [row for row in rows if row["entry"].startswith(best["entry"] + "/")]
+        chosen = max(points, key=lambda row: float(row["best_validation_accuracy_mean"]))
+        assert best["point"] == chosen["point"] and best["test_accuracy_mean"] == chosen["test_accuracy_mean"]
+    figures = {path.name for path in folder.iterdir()}
+    assert {f"sensitivity_{name}.png" for name in ("step_adaptation", "measurement_interval", "lr", "gamma")} <= figures
+    # A value added to a sweep trains its point only.
+    added = ["--set", "comparison.sgd.sweep.lr=0.01,0.1,0.03", "--resume"]
+    status, output = _main(["--config", "sweep.txt", *overrides, *added])
+    assert status == 0
+    assert output.count("finished already, skipped") == 5
+    assert "[5/6] sgd/lr_0.03-gamma_0.5 (SGD lr 0.03, gamma 0.5) seed 0: starting" in output
+    assert [row["entry"] for row in _read_csv(folder / "results.csv")][3:6] == [
+        "sgd/lr_0.01-gamma_0.5",
+        "sgd/lr_0.1-gamma_0.5",
+        "sgd/lr_0.03-gamma_0.5",
+    ]
