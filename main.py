@@ -5,6 +5,7 @@
     python main.py --set optimizer.arguments.step_adaptation=3.6
     python main.py --resume                          # continue the run from its last checkpoint
     python main.py --config configs/compare_digits.txt   # a comparison: every entry, one by one
+    python main.py --config configs/paper.txt            # a grid file: each comparison it names
 
 A run trains in <runs_folder>/<experiment name>/ (metrics, TensorBoard events, checkpoints, the
 resolved configuration) and draws figures into <plots_folder>/<experiment name>/. A comparison (a
@@ -29,6 +30,7 @@ import sys
 from pathlib import Path
 
 from source.comparison import run_comparison
+from source.comparison.grid import expand_grids
 from source.configuration import load_configuration
 from source.errors import UserError
 from source.plotting import PlottedRun, check_plot_folder, claim_plot_folder, legend_label, plot_runs
@@ -66,7 +68,7 @@ def parse_arguments(argv):
         "--config",
         default=DEFAULT_CONFIGURATION,
         metavar="PATH",
-        help=f"configuration file (default: {DEFAULT_CONFIGURATION})",
+        help=f"configuration file (default: {DEFAULT_CONFIGURATION}), or a grid file naming several comparison files",
     )
     parser.add_argument(
         "--set",
@@ -153,8 +155,19 @@ def _exit_status(stopped_by_signal, diverged):
 
 
 def run(arguments):
-    """Load the configuration, join the other processes (torchrun), train, plot, report; return the exit status."""
-    configuration = load_configuration(arguments.config, arguments.overrides)
+    """Load every configuration (a grid file: each file it names), then train each in turn; return the
+    highest exit status, stopping early when a signal stopped one."""
+    configurations = [load_configuration(path, arguments.overrides) for path in expand_grids([arguments.config])]
+    statuses = []
+    for configuration in configurations:
+        statuses.append(run_configuration(arguments, configuration))
+        if statuses[-1] > SIGNAL_STATUS_BASE:
+            break
+    return max(statuses)
+
+
+def run_configuration(arguments, configuration):
+    """Join the other processes (torchrun), train, plot, report; return the exit status."""
     if arguments.resume and not configuration.is_comparison:
         # A resumed run continues with the configuration saved in its folder.
         configuration, ignored = configuration_to_resume(configuration)

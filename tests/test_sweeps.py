@@ -3,7 +3,6 @@
 import contextlib
 import csv
 import io
-import json
 from pathlib import Path
 
 import pytest
@@ -11,8 +10,9 @@ import pytest
 import main
 from source.comparison import collect_entries, read_comparison, result_rows, write_results
 from source.comparison.results import sensitivity_lines
-from source.configuration import format_configuration, load_configuration
-from source.plotting import read_metrics
+from source.configuration import load_configuration
+from source.training import RunFolder
+from tests.constructed_runs import comparison_folder
 
 # 1,150 digits training images / 32 = 35 steps per epoch; evaluations at 3 and 6.
 SWEEP = """\
@@ -78,20 +78,22 @@ def workspace(tmp_path, monkeypatch):
 
 def test_a_swept_entry_becomes_one_run_per_combination_and_seed_with_a_label_naming_the_point(workspace):
     comparison = read_comparison(load_configuration("sweep.txt", ["comparison.seeds=0,1"]))
-    runs = [(entry.id, seed) for entry, seed in comparison.runs()]
-    lab_pal_points = [
+    points = [point for entry in comparison.entries for point in entry.points()]
+    assert [point.id for point in points] == [
         "lab_pal/step_adaptation_1.2-measurement_interval_500",
         "lab_pal/step_adaptation_1.2-measurement_interval_1000",
         "lab_pal/step_adaptation_1.8-measurement_interval_500",
         "lab_pal/step_adaptation_1.8-measurement_interval_1000",
+        "sgd/lr_0.01-gamma_0.5",
+        "sgd/lr_0.1-gamma_0.5",
+        "adam",
     ]
-    points = [*lab_pal_points, "sgd/lr_0.01-gamma_0.5", "sgd/lr_0.1-gamma_0.5", "adam"]
-    assert runs == [(point, seed) for point in points for seed in (0, 1)]
-    by_id = {entry.id: entry for entry, _ in comparison.runs()}
-    first = by_id[lab_pal_points[1]]
-    assert first.label == "LABPAL-NSGD step_adaptation 1.2, measurement_interval 1000"
-    assert first.arguments == {"step_adaptation": 1.2, "measurement_interval": 1000}
-    assert (first.point, first.swept_entry, first.entry_id) == (first.arguments, "lab_pal", "lab_pal")
+    assert len(comparison.runs()) == 2 * len(points)
+    by_id = {point.id: point for point in points}
+    lab_pal = by_id["lab_pal/step_adaptation_1.2-measurement_interval_1000"]
+    assert lab_pal.label == "LABPAL-NSGD step_adaptation 1.2, measurement_interval 1000"
+    assert lab_pal.arguments == {"step_adaptation": 1.2, "measurement_interval": 1000}
+    assert (lab_pal.point, lab_pal.swept_entry, lab_pal.entry_id) == (lab_pal.arguments, "lab_pal", "lab_pal")
     # A swept argument goes where its class takes it: lr to the optimizer, gamma to the schedule.
     sgd = by_id["sgd/lr_0.1-gamma_0.5"]
     assert sgd.arguments == {"momentum": 0.9, "lr": 0.1}
@@ -101,8 +103,9 @@ def test_a_swept_entry_becomes_one_run_per_combination_and_seed_with_a_label_nam
     assert configuration["experiment"]["label"] == "SGD lr 0.1, gamma 0.5"
     assert configuration["optimizer"] == {"name": "sgd", "arguments": {"momentum": 0.9, "lr": 0.1}}
     assert configuration["schedule"]["arguments"] == {"milestones": [3, 5], "gamma": 0.5}
-    assert comparison.run_folder(sgd, 1).path == Path("runs/swept/sgd/lr_0.1-gamma_0.5/seed_1")
-    assert by_id["adam"].point == {} and comparison.run_folder(by_id["adam"], 0).path == Path("runs/swept/adam/seed_0")
+    assert RunFolder.of(configuration).path == Path("runs/swept/sgd/lr_0.1-gamma_0.5/seed_1")
+    adam = comparison.run_configuration(by_id["adam"], 0)
+    assert by_id["adam"].point == {} and RunFolder.of(adam).path == Path("runs/swept/adam/seed_0")
 
 
 # Each case: replacements in SWEEP (old, new), extra arguments, fragments of the one-line message.
@@ -194,43 +197,15 @@ seeds = 0, 1
 # is best on validation (means 0.90), lr 1.0 best on test; lr 3.0 is best on validation of all
 # but one of its seeds diverged; lr 0.01 has not finished its second seed.
 METRICS = {
-    "lr_0.01": {0: ([0.50, 0.60], 0.61), 1: ([0.55], None)},
-    "lr_0.1": {0: ([0.80, 0.92], 0.70), 1: ([0.88, 0.86], 0.72)},
-    "lr_1": {0: ([0.85, 0.80], 0.95), 1: ([0.86, 0.84], 0.93)},
-    "lr_3": {0: ([0.99, 0.98], 0.97), 1: ([0.99], "diverged")},
+    "sgd/lr_0.01": {0: ([0.50, 0.60], 0.61), 1: ([0.55], None)},
+    "sgd/lr_0.1": {0: ([0.80, 0.92], 0.70), 1: ([0.88, 0.86], 0.72)},
+    "sgd/lr_1": {0: ([0.85, 0.80], 0.95), 1: ([0.86, 0.84], 0.93)},
+    "sgd/lr_3": {0: ([0.99, 0.98], 0.97), 1: ([0.99], "diverged")},
 }
 
 
-def _records(validation, test):
-    records = [{"step": 5, "split": "training", "loss": 1.0, "accuracy": 0.5, "learning_rate": 0.1}]
-    records += [
-        {"step": 10 * number, "split": "validation", "loss": 0.5, "accuracy": accuracy, "elapsed_seconds": 1.0}
-        for number, accuracy in enumerate(validation, start=1)
-    ]
-    if test == "diverged":
-        records.append({"step": 25, "split": "diverged", "reason": "the training loss is not finite"})
-    elif test is not None:
-        records.append({"step": 20, "split": "test", "loss": 0.4, "accuracy": test, "best_step": 10})
-    return records
-
-
-def _swept_comparison_folder(root, metrics=METRICS):
-    """A comparison folder as a swept comparison leaves it: configuration.txt files and metrics.jsonl."""
-    folder = root / "chosen"
-    folder.mkdir()
-    (root / "chosen.txt").write_text(SWEEP_FOLDER)
-    comparison = read_comparison(load_configuration(root / "chosen.txt"))
-    (folder / "configuration.txt").write_text(SWEEP_FOLDER)
-    for entry, seed in comparison.runs():
-        if entry.id == "adam":
-            continue
-        run = folder / entry.id / f"seed_{seed}"
-        run.mkdir(parents=True)
-        configuration = comparison.run_configuration(entry, seed)
-        (run / "configuration.txt").write_text(format_configuration(configuration, ["test run"]))
-        validation, test = metrics[entry.id.split("/")[1]][seed]
-        (run / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in _records(validation, test)))
-    return folder
+def _swept_comparison_folder(root, metrics=METRICS, quality="accuracy"):
+    return comparison_folder(root, SWEEP_FOLDER, metrics, quality)
 
 
 def test_the_best_row_is_the_point_best_on_validation_not_on_test(tmp_path):
@@ -257,13 +232,7 @@ def test_the_best_row_is_the_point_best_on_validation_not_on_test(tmp_path):
 
 
 def test_the_lowest_validation_rmse_is_chosen_for_regression(tmp_path):
-    folder = _swept_comparison_folder(tmp_path)
-    for path in folder.glob("sgd/*/seed_*/metrics.jsonl"):
-        records = [
-            {key.replace("accuracy", "rmse"): value for key, value in record.items()} for record in read_metrics(path)
-        ]
-        path.write_text("".join(json.dumps(record) + "\n" for record in records))
-    _, rows = result_rows(collect_entries([folder]))
+    _, rows = result_rows(collect_entries([_swept_comparison_folder(tmp_path, quality="rmse")]))
     best = next(row for row in rows if row["kind"] == "best")
     # Means of the lowest validation RMSE over the seeds: lr 0.01 0.525, lr 0.1 0.83, lr 1 0.82 (lr 3 diverged).
     assert best["point"] == "lr=0.01" and best["best_validation_rmse_mean"] == pytest.approx(0.525)

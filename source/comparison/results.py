@@ -32,9 +32,11 @@ __all__ = [
     "Shown",
     "choose_point",
     "collect_entries",
+    "entry_values",
     "result_rows",
     "sensitivity_lines",
     "shown_entries",
+    "sweep_groups",
     "write_results",
 ]
 
@@ -231,13 +233,13 @@ def point_text(point):
     return ", ".join(f"{name}={value_text(value)}" for name, value in point.items())
 
 
-def _entry_values(entry, quality):
+def entry_values(entry, quality):
     """The per-seed values of one entry's runs, by key (see ``_run_values``)."""
     values = [_run_values(run, quality, quality == "accuracy") for run in entry.runs]
     return {key: [value[key] for value in values] for key in values[0]} if values else {}
 
 
-def _sweeps(entries):
+def sweep_groups(entries):
     """The entries grouped as the table shows them: (None, [entry]) for an entry without a sweep,
     (swept entry, [its points]) for a sweep, in order."""
     groups = []
@@ -254,7 +256,7 @@ def choose_point(points, quality):
     lowest RMSE; the first of equals), among the points without a diverged seed; None if none has one."""
     candidates = []
     for point in points:
-        column = _entry_values(point, quality)
+        column = entry_values(point, quality)
         mean = _mean(column.get("best_validation", []))
         if mean is not None and not any(column["diverged"]):
             candidates.append((mean, point))
@@ -269,7 +271,7 @@ def shown_entries(entries):
     entry's chosen point, its legend naming the point as the best of the sweep on validation."""
     quality = quality_of([run.records for entry in entries for run in entry.runs])
     shown = []
-    for swept, members in _sweeps(entries):
+    for swept, members in sweep_groups(entries):
         if swept is None:
             shown.append(Shown(members[0].label, members[0].legend, members[0]))
             continue
@@ -309,7 +311,7 @@ def result_rows(entries):
         "status",
     ]
     rows = []
-    for swept, members in _sweeps(entries):
+    for swept, members in sweep_groups(entries):
         for entry in members:
             rows.append(_row(entry, quality, "entry" if swept is None else "point"))
         if swept is None:
@@ -319,7 +321,7 @@ def result_rows(entries):
             best = _row(chosen, quality, "best")
         else:
             best = dict.fromkeys(columns)
-            every_diverged = all(any(_entry_values(point, quality).get("diverged", [])) for point in members)
+            every_diverged = all(any(entry_values(point, quality).get("diverged", [])) for point in members)
             best.update(
                 point="",
                 seeds=rows[-1]["seeds"],
@@ -332,7 +334,7 @@ def result_rows(entries):
 
 def _row(entry, quality, kind):
     """One table row: ``entry``'s values, seeds aggregated."""
-    column = _entry_values(entry, quality)
+    column = entry_values(entry, quality)
 
     def mean(key):
         return _mean(column.get(key, []))
@@ -468,7 +470,7 @@ def sensitivity_lines(entries, colours=None):
     quality = quality_of([run.records for entry in entries for run in entry.runs])
     colours = colours or {item.label: index for index, item in enumerate(shown_entries(entries))}
     lines = {}
-    for swept, members in _sweeps(entries):
+    for swept, members in sweep_groups(entries):
         if swept is None:
             continue
         for argument in swept.sweep:
@@ -476,8 +478,8 @@ def sensitivity_lines(entries, colours=None):
             for value in argument.values:
                 having = [member for member in members if member.point[argument.name] == value]
                 chosen = choose_point(having, quality)
-                results = [] if chosen is None else _entry_values(chosen, quality)["best_validation"]
-                diverged = chosen is None and any(any(_entry_values(member, quality).get("diverged", [])) for member in having)
+                results = [] if chosen is None else entry_values(chosen, quality)["best_validation"]
+                diverged = chosen is None and any(any(entry_values(member, quality).get("diverged", [])) for member in having)
                 points.append(SensitivityPoint(value, tuple(result for result in results if result is not None), diverged))
             lines.setdefault(argument.name, []).append(SensitivityLine(swept.label, colours[swept.label], tuple(points)))
     return lines

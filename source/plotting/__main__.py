@@ -2,12 +2,16 @@
 
     python -m source.plotting runs/compare_digits                  # into the comparison folder
     python -m source.plotting runs/a runs/b --out plots/a_and_b     # run folders side by side
+    python -m source.plotting runs/compare_* --out report           # a report over several experiments
 
 Each FOLDER is a comparison folder (all its entries) or a run folder (one entry; the seed folders
 of one comparison entry join into one). Labels, data set and model come from each run's own
 configuration.txt. Writes results.csv, results.md and every figure as .png and .pdf into --out,
-by default into the comparison folder when there is exactly one. A problem with the input ends
-with one line on stderr and exit status 2.
+by default into the comparison folder when there is exactly one. Folders of several experiments
+(data set × model) make a report instead (source/comparison/paper_report.py): each experiment's
+files in <out>/<data set>_<model>/, and figure grids, the test accuracy table and the performance
+profile across them in --out. A problem with the input ends with one line on stderr and exit
+status 2.
 """
 
 import argparse
@@ -15,6 +19,7 @@ import sys
 from pathlib import Path
 
 from source.comparison import collect_entries, write_results
+from source.comparison.paper_report import write_paper_report
 from source.configuration import load_configuration
 from source.errors import UserError
 
@@ -56,13 +61,19 @@ def main(argv=None):
     try:
         arguments = parse_arguments(argv)
         entries = collect_entries(arguments.folders)
-        out = Path(arguments.out) if arguments.out else _default_out(arguments.folders)
-        files, table = write_results(entries, out)
+        if len({entry.experiment for entry in entries}) > 1:
+            if not arguments.out:
+                raise UserError("give --out DIR: the folders hold several experiments, whose report goes there")
+            out = Path(arguments.out)
+            files, table = write_paper_report(entries, out)
+        else:
+            out = Path(arguments.out) if arguments.out else _default_out(arguments.folders)
+            files, table = write_results(entries, out)
     except UserError as error:
         print(f"error: {' '.join(str(error).splitlines())}", file=sys.stderr)
         return USAGE_ERROR
     print(table, end="")
-    print(f"written to {out}: {', '.join(path.name for path in files)} (figures also as .pdf)")
+    print(f"written to {out}: {', '.join(str(path.relative_to(out)) for path in files)} (figures also as .pdf)")
     return 0
 
 
