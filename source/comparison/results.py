@@ -25,7 +25,13 @@ from source.comparison.entries import Entry, read_comparison, run_name
 from source.configuration import load_configuration
 from source.errors import UserError
 from source.plotting.curves import PlottedRun, legend_label, plot_runs, quality_of, read_metrics, value_text
-from source.plotting.sensitivity import SensitivityLine, SensitivityPoint, plot_sensitivity, sensitivity_file_stem
+from source.plotting.sensitivity import (
+    SensitivityLine,
+    SensitivityPoint,
+    plot_sensitivity,
+    sensitivity_file_stem,
+    value_range,
+)
 
 __all__ = [
     "EntryRuns",
@@ -489,6 +495,7 @@ def _sensitivity_figures(entries, out, experiment, colours):
     """The sensitivity figure of each swept argument (see source/plotting/sensitivity.py); PNG paths."""
     words = "accuracy" if quality_of([run.records for entry in entries for run in entry.runs]) == "accuracy" else "RMSE"
     lines = sensitivity_lines(entries, colours)
+    shared = value_range([line for argument_lines in lines.values() for line in argument_lines])
     written = [
         plot_sensitivity(
             out,
@@ -497,6 +504,7 @@ def _sensitivity_figures(entries, out, experiment, colours):
             stem=sensitivity_file_stem(argument, lines),
             title=f"sensitivity to {argument} {experiment}",
             y_label=f"best validation {words}",
+            y_range=shared,
         )
         for argument, argument_lines in lines.items()
     ]

@@ -5,7 +5,8 @@ value the mean over the seeds of each run's best validation result, with a minâ€
 seeds. Where an entry sweeps several arguments, each value shows the best point among those with
 that value (the other arguments at their best for it). A value whose every point diverged is
 marked with a cross at the foot of the axes. Numbers spanning a decade or more get a log axis;
-values that are not all numbers are placed side by side in the order given.
+values that are not all numbers are placed side by side in the order given. The figures of one
+comparison share their value axis.
 """
 
 import statistics
@@ -15,7 +16,7 @@ from matplotlib.lines import Line2D
 
 from source.plotting.curves import _legend, _legend_height, _new_figure, _save, _style, value_text
 
-__all__ = ["SensitivityLine", "SensitivityPoint", "plot_sensitivity", "sensitivity_file_stem"]
+__all__ = ["SensitivityLine", "SensitivityPoint", "plot_sensitivity", "sensitivity_file_stem", "value_range"]
 
 
 @dataclass(frozen=True)
@@ -53,9 +54,17 @@ def sensitivity_file_stem(argument, arguments):
     return "sensitivity" if len(arguments) == 1 else f"sensitivity_{argument}"
 
 
-def plot_sensitivity(folder, argument, lines, *, stem, title, y_label):
+def value_range(lines):
+    """The lowest and highest result of ``lines`` (None without results): sensitivity figures of one
+    comparison share it, so that a flat line and a steep one look so side by side."""
+    results = [result for line in lines for point in line.points for result in point.results]
+    return (min(results), max(results)) if results else None
+
+
+def plot_sensitivity(folder, argument, lines, *, stem, title, y_label, y_range=None):
     """Draw the sensitivity figure of ``argument`` (``SensitivityLine``s) as <stem>.png and .pdf in
-    ``folder``; returns the PNG path, or None when no line has a point."""
+    ``folder``, its value axis spanning ``y_range`` (default: its own values); returns the PNG path,
+    or None when no line has a point."""
     lines = [line for line in lines if line.points]
     if not lines:
         return None
@@ -94,5 +103,9 @@ def plot_sensitivity(folder, argument, lines, *, stem, title, y_label):
         axes.margins(x=0.15)
     axes.set_xlabel(argument)
     axes.set_ylabel(y_label)
+    if y_range is not None:
+        low, high = y_range
+        margin = 0.05 * (high - low) or 0.01 * abs(high) or 0.01
+        axes.set_ylim(low - margin, high + margin)
     _legend(figure, handles, labels)
     return _save(figure, folder / stem)
