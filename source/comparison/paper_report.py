@@ -195,10 +195,11 @@ def _table_texts(table, experiments):
             texts.append(text)
         escaped = label.replace("|", "\\|")
         lines.append(f"| {escaped} | " + " | ".join(texts) + " |")
+    measured = "Test accuracy" if all(e.quality == "accuracy" for e in experiments) else "Test accuracy (RMSE: test RMSE)"
     note = (
-        "Test accuracy (RMSE: test RMSE) of the checkpoint with the best validation result, mean ± sample "
-        "standard deviation over the seeds; a swept entry shows the point chosen on validation. Bold: the best "
-        "in each column. A mark in brackets: not every run of the entry has ended."
+        f"{measured} of the checkpoint with the best validation result, mean ± sample standard deviation over "
+        "the seeds; a swept entry shows the point chosen on validation. Bold: the best in each column. A mark "
+        "in brackets: not every run of the entry has ended."
     )
     return csv_text.getvalue(), "\n".join(lines) + f"\n\n{note}\n"
 

@@ -310,8 +310,9 @@ def measurement_handle():
                   markeredgewidth=0.5)  # fmt: skip
 
 
-def draw_dots(axes, panel, *, annotate=True):
-    """Draw a dot panel into ``axes``: per entry the mean, with min–max bars over its seeds."""
+def draw_dots(axes, panel, *, compact=False):
+    """Draw a dot panel into ``axes``: per entry the mean, with min–max bars over its seeds, and the
+    mean written beside it; ``compact`` (a panel of a grid): no numbers, the metric's name as label."""
     dots = panel.dots
     several = any(len(values) > 1 for _, _, values in dots)
     for position, (index, _, values) in enumerate(dots):
@@ -321,11 +322,15 @@ def draw_dots(axes, panel, *, annotate=True):
                       markersize=7)  # fmt: skip
         if len(values) > 1:
             axes.plot(values, [position] * len(values), linestyle="none", marker="|", markersize=10, color=colour)
-        if annotate:
+        if not compact:
             axes.annotate(f"{mean:.4f}", (high, position), xytext=(8, 0), textcoords="offset points", va="center")
     axes.set_yticks(range(len(dots)), [label for _, label, _ in dots])
     axes.invert_yaxis()
     axes.margins(x=0.2, y=0.5 / len(dots))
+    if compact:
+        axes.xaxis.set_major_locator(MaxNLocator(nbins=4))
+        axes.set_xlabel(panel.title)
+        return
     axes.set_xlabel(panel.axis_label + ("; dot: mean, bar: min–max over seeds" if several else ""))
 
 

@@ -41,6 +41,8 @@ def plot_panel_grid(stem, title, cells, datasets, models, colours):
     shown = {label for _, panel in drawn.values() for _, label, _ in (*panel.curves, *panel.dots)}
     labels = [label for label in colours if label in shown]
     measured = any(panel.marks for _, panel in drawn.values())
+    if any(panel.dots for _, panel in drawn.values()):
+        title += " of the best validation checkpoint; dot: mean, bar: min–max over seeds"
     figure, axes_grid = _grid_figure(len(datasets), len(models), labels, title)
     for row, dataset in enumerate(datasets):
         for column, model in enumerate(models):
@@ -55,7 +57,7 @@ def plot_panel_grid(stem, title, cells, datasets, models, colours):
             axes.set_title(panel_title, fontsize="medium")
             axes.grid(True, alpha=0.3)
             if panel.dots:
-                draw_dots(axes, panel, annotate=False)
+                draw_dots(axes, panel, compact=True)
             else:
                 draw_lines(axes, panel)
     handles = [Line2D([], [], color=_style(colours[label])[0], linestyle=_style(colours[label])[1]) for label in labels]
@@ -78,8 +80,10 @@ def plot_performance_profile(stem, taus, profile, colours, experiments):
     handles = []
     for position, label in enumerate(labels):
         colour, line_style = _style(colours[label])
-        # Profiles that coincide are drawn wider beneath the later ones, so that each shows.
-        hidden_under = sum(profile[later] == profile[label] for later in labels[position + 1:])
+        # A profile that shares a stretch with later ones is drawn wider beneath them, so that each shows.
+        hidden_under = sum(
+            any(mine == theirs for mine, theirs in zip(profile[label], profile[later])) for later in labels[position + 1:]
+        )
         (line,) = axes.plot(taus, profile[label], color=colour, linestyle=line_style, linewidth=1.5 + 1.2 * hidden_under,
                             drawstyle="steps-post")  # fmt: skip
         handles.append(line)
