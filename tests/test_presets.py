@@ -13,9 +13,11 @@ from source.training.schedules import build_schedule
 from tests.data_files import copy_a_few_cifar10_jpegs
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-# Comparisons (compare_*.txt) list optimizers in entries; tests/test_comparison.py checks them.
-COMPARISONS = sorted((REPOSITORY / "configs").glob("compare_*.txt"))
-PRESETS = sorted(set((REPOSITORY / "configs").glob("*.txt")) - set(COMPARISONS))
+# Comparisons (compare_*.txt, sweep_*.txt) list optimizers in entries, grid files (paper.txt) list
+# comparisons; tests/test_comparison.py and tests/test_sweeps.py check them.
+COMPARISONS = sorted([*(REPOSITORY / "configs").glob("compare_*.txt"), *(REPOSITORY / "configs").glob("sweep_*.txt")])
+GRIDS = [REPOSITORY / "configs" / "paper.txt"]
+PRESETS = sorted(set((REPOSITORY / "configs").glob("*.txt")) - set(COMPARISONS) - set(GRIDS))
 PAPER_GRID = {
     f"{data}_{model}_{optimizer}"
     for data, model, optimizer in itertools.product(
@@ -55,7 +57,7 @@ def test_preset_is_valid_and_its_optimizer_and_schedule_build(path):
 
 def test_readme_lists_every_preset_with_its_command():
     readme = (REPOSITORY / "README.md").read_text()
-    for path in PRESETS + COMPARISONS:
+    for path in PRESETS + COMPARISONS + GRIDS:
         assert f"python main.py --config configs/{path.name}" in readme
 
 

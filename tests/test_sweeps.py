@@ -10,6 +10,7 @@ import pytest
 import main
 from source.comparison import collect_entries, read_comparison, result_rows, write_results
 from source.comparison.results import sensitivity_lines
+from source.comparison.grid import expand_grids
 from source.configuration import load_configuration
 from source.training import RunFolder
 from tests.constructed_runs import comparison_folder
@@ -299,3 +300,30 @@ def test_a_swept_comparison_trains_every_point_draws_the_chosen_one_and_resumes_
         "sgd/lr_0.1-gamma_0.5",
         "sgd/lr_0.03-gamma_0.5",
     ]
+
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["sweep_cifar10_resnet20", "sweep_digits"])
+def test_sweep_presets_sweep_sgd_lr_and_lab_pal_in_both_modes(name):
+    comparison = read_comparison(load_configuration(REPOSITORY / "configs" / f"{name}.txt"))
+    assert comparison.configuration["experiment"]["name"] == name
+    sweeps = {entry.id: {swept.name: swept.values for swept in entry.sweep} for entry in comparison.entries}
+    assert sweeps["sgd"] == {"lr": (0.01, 0.03, 0.1, 0.3, 1.0)}
+    for entry, mode in (("lab_pal_nsgd", "NSGD"), ("lab_pal_sgd", "SGD")):
+        assert set(sweeps[entry]) == {"step_adaptation", "measurement_interval"}
+        assert next(e for e in comparison.entries if e.id == entry).arguments.get("mode", "NSGD") == mode
+    if name == "sweep_digits":
+        comparison.check_entries_build()
+
+
+def test_the_paper_grid_names_the_nine_paper_comparisons():
+    paths = expand_grids([REPOSITORY / "configs" / "paper.txt"])
+    names = [load_configuration(path).sections["experiment"]["name"] for path in paths]
+    assert names == [
+        f"compare_{data}_{model}"
+        for data in ("cifar10", "cifar100", "svhn")
+        for model in ("resnet20", "mobilenet_v2_cifar", "densenet40")
+    ]
+    assert all(load_configuration(path).is_comparison for path in paths)
