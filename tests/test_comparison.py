@@ -183,7 +183,8 @@ def test_results_table_has_one_row_per_entry_with_the_seeds_aggregated(finished)
     assert (rows[1]["forward_passes"], rows[1]["backward_passes"]) == ("12", "12")
     table = (finished.folder / "results.md").read_text()
     lines = table.splitlines()
-    assert lines[0].startswith("| entry | label | optimizer | point | seeds | best validation accuracy | test accuracy |")
+    header = "| entry | label | optimizer | point | seeds | best validation accuracy | test accuracy |"
+    assert lines[0].startswith(header)
     assert [line.split(" | ")[0] for line in lines[2:4]] == ["| lab_pal", "| sgd"] and lines[4] == ""
     mean, std = float(rows[0]["test_accuracy_mean"]), float(rows[0]["test_accuracy_std"])
     assert f"{mean:.4f} ± {std:.4f}" in lines[2]

@@ -89,7 +89,8 @@ def test_test_table_holds_the_means_and_standard_deviations_over_seeds(folders):
     }
     for (label, experiment), (mean, std) in expected.items():
         cell = table[label][experiment]
-        assert cell.mean == pytest.approx(mean) and (cell.std == pytest.approx(std) if std is not None else cell.std is None)
+        assert cell.mean == pytest.approx(mean)
+        assert cell.std == (None if std is None else pytest.approx(std))
     assert table["Adam"]["digits mlp"].status == "incomplete: 1/2 runs ended"
     assert table["SGD"]["digits small_cnn"].status == "finished"
 

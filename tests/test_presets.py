@@ -15,9 +15,10 @@ from tests.data_files import copy_a_few_cifar10_jpegs
 REPOSITORY = Path(__file__).resolve().parents[1]
 # Comparisons (compare_*.txt, sweep_*.txt) list optimizers in entries, grid files (paper.txt) list
 # comparisons; tests/test_comparison.py and tests/test_sweeps.py check them.
-COMPARISONS = sorted([*(REPOSITORY / "configs").glob("compare_*.txt"), *(REPOSITORY / "configs").glob("sweep_*.txt")])
-GRIDS = [REPOSITORY / "configs" / "paper.txt"]
-PRESETS = sorted(set((REPOSITORY / "configs").glob("*.txt")) - set(COMPARISONS) - set(GRIDS))
+CONFIGS = REPOSITORY / "configs"
+COMPARISONS = sorted({*CONFIGS.glob("compare_*.txt"), *CONFIGS.glob("sweep_*.txt")})
+GRIDS = [CONFIGS / "paper.txt"]
+PRESETS = sorted(set(CONFIGS.glob("*.txt")) - set(COMPARISONS) - set(GRIDS))
 PAPER_GRID = {
     f"{data}_{model}_{optimizer}"
     for data, model, optimizer in itertools.product(

@@ -221,7 +221,8 @@ def read_comparison(configuration):
                 f"label of {section_label((COMPARISON, labels[values['label']]))} too; give each entry its own label"
             )
         labels[values["label"]] = name
-        entries.append(Entry(name, *(values[key] for key in _ENTRY_KEYS), sweep=_read_sweep(configuration, name, values)))
+        sweep = _read_sweep(configuration, name, values)
+        entries.append(Entry(name, *(values[key] for key in _ENTRY_KEYS), sweep=sweep))
     _check_point_labels(configuration, entries)
     seeds = tuple(section["seeds"]) or (configuration["experiment"]["seed"],)
     return Comparison(configuration=configuration, entries=tuple(entries), seeds=seeds)

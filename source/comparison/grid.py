@@ -60,9 +60,13 @@ def _grid_paths(path):
     paths = [Path(path).parent / name for name in names]
     for name, named in zip(names, paths):
         if not named.is_file():
-            raise UserError(f"{path}: [{GRID}] {_KEY} names {name}, but {named} is not a file; paths are relative to the grid file")
+            raise UserError(
+                f"{path}: [{GRID}] {_KEY} names {name}, but {named} is not a file; paths are relative to the grid file"
+            )
         if is_grid_file(named):
-            raise UserError(f"{path}: [{GRID}] {_KEY} names {name}, which is a grid file too; list its comparison files instead")
+            raise UserError(
+                f"{path}: [{GRID}] {_KEY} names {name}, which is a grid file too; list its comparison files instead"
+            )
     return [str(named) for named in paths]
 
 
@@ -78,5 +82,7 @@ def expand_grids(paths):
     resolved = [Path(path).resolve() for path in expanded]
     for position, path in enumerate(resolved):
         if path in resolved[:position]:
-            raise UserError(f"{expanded[position]} is given twice (with --config or in a grid file); give each comparison once")
+            raise UserError(
+                f"{expanded[position]} is given twice (with --config or in a grid file); give each comparison once"
+            )
     return expanded

@@ -108,7 +108,7 @@ def _ended_runs(members, quality):
     for member in members:
         values = entry_values(member, quality)
         runs += len(member.seeds)
-        ended += sum(finished or diverged for finished, diverged in zip(values.get("finished", []), values.get("diverged", [])))
+        ended += sum(any(pair) for pair in zip(values.get("finished", []), values.get("diverged", [])))
     return ended, runs
 
 
@@ -160,7 +160,8 @@ def _table_texts(table, experiments):
     """The test table as CSV and Markdown text."""
     csv_text = io.StringIO()
     writer = csv.writer(csv_text, lineterminator="\n")
-    writer.writerow(["optimizer", *(column for e in experiments for column in (e.name, f"{e.name} std", f"{e.name} status"))])
+    columns = [(experiment.name, f"{experiment.name} std", f"{experiment.name} status") for experiment in experiments]
+    writer.writerow(["optimizer", *(column for names in columns for column in names)])
     for label, cells in table.items():
         row = [label]
         for experiment in experiments:
@@ -173,7 +174,7 @@ def _table_texts(table, experiments):
     header = [
         experiment.name + ("" if experiment.quality == "accuracy" else " (RMSE)") for experiment in experiments
     ]
-    lines = ["| optimizer | " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in range(len(header) + 1)) + "|"]
+    lines = ["| optimizer | " + " | ".join(header) + " |", "|" + "|".join([" --- "] * (len(header) + 1)) + "|"]
     best = {}
     for experiment in experiments:
         means = [cells[experiment.name].mean for cells in table.values()
@@ -195,7 +196,9 @@ def _table_texts(table, experiments):
             texts.append(text)
         escaped = label.replace("|", "\\|")
         lines.append(f"| {escaped} | " + " | ".join(texts) + " |")
-    measured = "Test accuracy" if all(e.quality == "accuracy" for e in experiments) else "Test accuracy (RMSE: test RMSE)"
+    measured = "Test accuracy"
+    if any(experiment.quality != "accuracy" for experiment in experiments):
+        measured += " (RMSE: test RMSE)"
     note = (
         f"{measured} of the checkpoint with the best validation result, mean ± sample standard deviation over "
         "the seeds; a swept entry shows the point chosen on validation. Bold: the best in each column. A mark "

@@ -331,7 +331,7 @@ def result_rows(entries):
             best.update(
                 point="",
                 seeds=rows[-1]["seeds"],
-                status="none chosen: every point diverged" if every_diverged else "none chosen: no validation result yet",
+                status=f"none chosen: {'every point diverged' if every_diverged else 'no validation result yet'}",
             )
         best.update(entry=swept.id, label=swept.label, optimizer=swept.optimizer, kind="best")
         rows.append(best)
@@ -485,9 +485,13 @@ def sensitivity_lines(entries, colours=None):
                 having = [member for member in members if member.point[argument.name] == value]
                 chosen = choose_point(having, quality)
                 results = [] if chosen is None else entry_values(chosen, quality)["best_validation"]
-                diverged = chosen is None and any(any(entry_values(member, quality).get("diverged", [])) for member in having)
-                points.append(SensitivityPoint(value, tuple(result for result in results if result is not None), diverged))
-            lines.setdefault(argument.name, []).append(SensitivityLine(swept.label, colours[swept.label], tuple(points)))
+                diverged = chosen is None and any(
+                    any(entry_values(member, quality).get("diverged", [])) for member in having
+                )
+                results = tuple(result for result in results if result is not None)
+                points.append(SensitivityPoint(value, results, diverged))
+            line = SensitivityLine(swept.label, colours[swept.label], tuple(points))
+            lines.setdefault(argument.name, []).append(line)
     return lines
 
 

@@ -82,10 +82,12 @@ def plot_performance_profile(stem, taus, profile, colours, experiments):
         colour, line_style = _style(colours[label])
         # A profile that shares a stretch with later ones is drawn wider beneath them, so that each shows.
         hidden_under = sum(
-            any(mine == theirs for mine, theirs in zip(profile[label], profile[later])) for later in labels[position + 1:]
+            any(map(float.__eq__, profile[label], profile[later])) for later in labels[position + 1:]
         )
-        (line,) = axes.plot(taus, profile[label], color=colour, linestyle=line_style, linewidth=1.5 + 1.2 * hidden_under,
-                            drawstyle="steps-post")  # fmt: skip
+        width = 1.5 + 1.2 * hidden_under
+        (line,) = axes.plot(
+            taus, profile[label], color=colour, linestyle=line_style, linewidth=width, drawstyle="steps-post"
+        )
         handles.append(line)
     axes.set_xlim(taus[0], taus[-1])
     axes.set_ylim(-0.03, 1.03)
