@@ -134,7 +134,7 @@ def _report_comparison(outcome):
     tables = [path for path in outcome.files if path.suffix != ".png"]
     lines = [
         ("comparison folder", str(outcome.folder)),
-        ("runs", f"{len(outcome.run_folders)} run folders, {outcome.folder}/<entry>/seed_<seed>/ "
+        ("runs", f"{len(outcome.run_folders)} run folders, {outcome.folder}/<entry>/[<point>/]seed_<seed>/ "
                  f"(view: tensorboard --logdir {outcome.folder})"),
         ("results", ", ".join(map(str, tables))),
         ("figures", ", ".join(map(str, figures)) + " (and .pdf)" if figures else "none yet"),

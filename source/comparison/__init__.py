@@ -1,8 +1,9 @@
-"""Comparisons of optimizers: one configuration, several entries, one run per entry and seed.
+"""Comparisons of optimizers: one configuration, several entries, one run per entry (or sweep point) and seed.
 
 ``run_comparison(configuration)`` trains them all in ``<runs_folder>/<experiment name>/`` and
 writes results.csv, results.md and the figures there; ``write_results(folders, out)`` writes the
-same files again from the folders on disk.
+same files again from the folders on disk. ``grid.py`` reads grid files, which name several
+comparisons; ``paper_report.py`` writes the report over several experiments.
 """
 
 from source.comparison.entries import Comparison, Entry, read_comparison
