@@ -18,7 +18,7 @@ from pathlib import Path
 
 from source.comparison.entries import read_comparison, run_name
 from source.configuration import load_configuration
-from source.errors import UserError
+from source.errors import UserError, WriteFailed, writing
 from source.plotting.curves import PlottedRun, legend_label, plot_runs, quality_of, read_metrics
 
 __all__ = ["EntryRuns", "collect_entries", "result_rows", "write_results"]
@@ -308,22 +308,28 @@ def _dataset_and_model(entries):
 def write_results(entries, out):
     """Write results.csv, results.md and the figures (.png and .pdf) of ``entries`` (from
     ``collect_entries``) into ``out``. Returns the paths written (figures: their PNG files) and
-    the Markdown table.
+    the Markdown table. The tables come first: when a figure fails, ``WriteFailed`` says so and
+    that they are written.
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     columns, rows = result_rows(entries)
     table = _markdown_text(columns, rows)
-    (out / CSV_FILE).write_text(_csv_text(columns, rows), encoding="utf-8")
-    (out / MARKDOWN_FILE).write_text(table, encoding="utf-8")
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+    for name, text in ((CSV_FILE, _csv_text(columns, rows)), (MARKDOWN_FILE, table)):
+        with writing(out / name):
+            (out / name).write_text(text, encoding="utf-8")
     dataset, model = _dataset_and_model(entries)
-    figures = plot_runs(
-        [
-            PlottedRun(entry.legend, tuple(run.folder / "metrics.jsonl" for run in entry.runs), entry.label)
-            for entry in entries
-        ],
-        out,
-        dataset=dataset,
-        model=model,
-    )
+    try:
+        figures = plot_runs(
+            [
+                PlottedRun(entry.legend, tuple(run.folder / "metrics.jsonl" for run in entry.runs), entry.label)
+                for entry in entries
+            ],
+            out,
+            dataset=dataset,
+            model=model,
+        )
+    except WriteFailed as error:
+        raise WriteFailed(f"{error}; the results are written: {out / CSV_FILE}, {out / MARKDOWN_FILE}") from error
     return [out / CSV_FILE, out / MARKDOWN_FILE, *figures], table

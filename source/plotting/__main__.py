@@ -6,8 +6,10 @@
 Each FOLDER is a comparison folder (all its entries) or a run folder (one entry; the seed folders
 of one comparison entry join into one). Labels, data set and model come from each run's own
 configuration.txt. Writes results.csv, results.md and every figure as .png and .pdf into --out,
-by default into the comparison folder when there is exactly one. A problem with the input ends
-with one line on stderr and exit status 2.
+by default into the comparison folder when there is exactly one. A problem with the input (a
+folder, a damaged metrics file, an --out that is a file or not writable) ends with one line on
+stderr and exit status 2; a file the system does not let it write or a figure that cannot be
+drawn, with one line and exit status 5 (``WriteFailed``), the tables written before it kept.
 """
 
 import argparse
@@ -16,7 +18,8 @@ from pathlib import Path
 
 from source.comparison import collect_entries, write_results
 from source.configuration import load_configuration
-from source.errors import UserError
+from source.errors import UserError, WriteFailed
+from source.training.run_folder import check_writable_folder
 
 USAGE_ERROR = 2
 
@@ -52,15 +55,21 @@ def _default_out(folders):
 
 
 def main(argv=None):
-    """Entry point: returns 0 on success, 2 after a one-line error about the input."""
+    """Entry point: returns 0 on success, 2 after a one-line error about the input, 5 when writing failed."""
     try:
         arguments = parse_arguments(argv)
+        out = Path(arguments.out) if arguments.out else None
+        if out is not None:
+            check_writable_folder(out)
         entries = collect_entries(arguments.folders)
-        out = Path(arguments.out) if arguments.out else _default_out(arguments.folders)
+        out = out or _default_out(arguments.folders)
         files, table = write_results(entries, out)
     except UserError as error:
         print(f"error: {' '.join(str(error).splitlines())}", file=sys.stderr)
         return USAGE_ERROR
+    except WriteFailed as error:
+        print(f"error: {error}", file=sys.stderr)
+        return WriteFailed.EXIT_STATUS
     print(table, end="")
     print(f"written to {out}: {', '.join(path.name for path in files)} (figures also as .pdf)")
     return 0

@@ -7,9 +7,11 @@ checkpoint last.pt names must be there too: best.pt, best.previous.pt (when a ki
 best.pt newer than last.pt), or, when the best is last.pt's own step, rebuilt from last.pt.
 """
 
+import contextlib
+
 import torch
 
-from source.errors import UserError
+from source.errors import UserError, WriteFailed
 from source.training.checkpoints import (
     non_finite_entry,
     previous_path,
@@ -234,7 +236,9 @@ def run_experiment(configuration, *, resume=False, stop_after_steps=None, distri
         outcome = trainer.train(stop_after_steps)
     except BaseException:
         if trainer is not None:
-            trainer.close()
+            # The error that stopped the run is the one to report, not a second failing write.
+            with contextlib.suppress(WriteFailed):
+                trainer.close()
         if distributed.is_main and not resume and (trainer is None or trainer.steps_this_session == 0):
             folder.remove()
         raise
