@@ -264,13 +264,12 @@ def main(argv=None):
         print(f"error: {' '.join(str(error).splitlines())}", file=sys.stderr)
         return USAGE_ERROR
     except WriteFailed as error:
-        print(f"error: {error}; the last checkpoint is kept; once that is fixed, continue with --resume",
-              file=sys.stderr)  # fmt: skip
+        print(f"error: {error}", file=sys.stderr)
         return WriteFailed.EXIT_STATUS
     except OSError as error:
         # Any write the steps above do not name themselves: the system's words and the file.
-        print(f"error: {error.filename or 'a file'}: {error.strerror or error}; the last checkpoint is kept; "
-              "once that is fixed, continue with --resume", file=sys.stderr)  # fmt: skip
+        print(f"error: {error.filename or 'a file'}: {error.strerror or error}; once that is fixed, "
+              "continue with --resume", file=sys.stderr)  # fmt: skip
         return WriteFailed.EXIT_STATUS
     except KeyboardInterrupt as error:
         print("aborted; the last checkpoint is kept, continue with --resume", file=sys.stderr)

@@ -94,7 +94,7 @@ def test_a_refused_checkpoint_write_stops_every_process_with_one_line(workspace)
     )
     assert _statuses(results) == [5, 5], results[0].stderr[-2000:]
     assert results[0].stderr == (
-        "error: cannot write runs/tiny/last.pt: No space left on device; the last checkpoint is kept; "
+        "error: cannot write runs/tiny/last.pt: No space left on device; the checkpoint of step 10 is kept; "
         "once that is fixed, continue with --resume\n"
     )
     assert results[1].stderr == ""

@@ -82,7 +82,7 @@ def test_a_full_disk_ends_the_run_with_one_line_and_the_run_resumes_exactly(work
         assert main.main(ARGUMENTS) == 5
     error = _one_error_line(capsys.readouterr().err)
     assert error == (
-        "error: cannot write runs/tiny/metrics.jsonl: No space left on device; the last checkpoint is kept; "
+        "error: cannot write runs/tiny/metrics.jsonl: No space left on device; the checkpoint of step 10 is kept; "
         "once that is fixed, continue with --resume\n"
     )
     folder = workspace / "runs" / "tiny"
@@ -119,7 +119,10 @@ def test_a_file_size_limit_ends_the_run_with_the_cause_named_and_the_run_resumes
     limit = (folder / "last.pt").stat().st_size // 2
     finished = _main_process([*ARGUMENTS, "--resume"], workspace, preexec_fn=_limited_file_size(limit))
     assert finished.returncode == 5, finished.stderr
-    assert _one_error_line(finished.stderr).startswith("error: cannot write runs/tiny/last.pt: File too large; ")
+    assert _one_error_line(finished.stderr) == (
+        "error: cannot write runs/tiny/last.pt: File too large; the checkpoint of step 12 is kept; "
+        "once that is fixed, continue with --resume\n"
+    )
     assert _step_of(folder / "last.pt") == 12  # the file the failed write would have replaced
     assert not list(folder.glob(".*.partial"))
     assert main.main([*ARGUMENTS, "--resume"]) == 0
@@ -164,7 +167,7 @@ def test_a_run_folder_that_becomes_read_only_ends_the_run_with_one_line_and_keep
     os.chmod(folder, 0o755)
     assert finished.returncode == 5, finished.stderr
     assert _one_error_line(finished.stderr) == (
-        "error: cannot write runs/tiny/last.pt: Permission denied; the last checkpoint is kept; "
+        "error: cannot write runs/tiny/last.pt: Permission denied; the checkpoint of step 10 is kept; "
         "once that is fixed, continue with --resume\n"
     )
     assert _step_of(folder / "last.pt") == 10
@@ -204,9 +207,9 @@ def test_a_comparison_whose_figures_fail_keeps_its_results_and_says_so(workspace
     monkeypatch.setattr("matplotlib.figure.Figure.savefig", cannot_draw)
     assert main.main(["--config", "compare.txt"]) == 5
     error = _one_error_line(capsys.readouterr().err)
-    assert error.startswith(
+    assert error == (
         "error: cannot draw runs/compare/learning_rate.png: ValueError: a font went missing; the results are "
-        "written: runs/compare/results.csv, runs/compare/results.md; "
+        "written: runs/compare/results.csv, runs/compare/results.md\n"
     )
     assert "| finished |" in (workspace / "runs" / "compare" / "results.md").read_text()
 

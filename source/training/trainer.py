@@ -222,7 +222,8 @@ class Trainer:
         self.stop_signal = None
         self.diverged = None
         self.divergence = DivergenceWatch(settings.divergence_steps, settings.divergence_loss_factor, device)
-        self._checkpointed_step = None
+        # The step of the newest checkpoint in the run folder (None: none yet).
+        self.checkpointed_step = None
         resume_offset, resume_step = 0, (0 if resume else None)
         if checkpoint is not None:
             resume_offset, resume_step = checkpoint["metrics_offset"], checkpoint["step"]
@@ -271,7 +272,7 @@ class Trainer:
             # The steps since the last log interval or evaluation may have diverged too.
             if self.diverged is None and not self._check_divergence():
                 if self.step < total or stop:
-                    if self._checkpointed_step == self.step or self._save_last_checkpoint() is not None:
+                    if self.checkpointed_step == self.step or self._save_last_checkpoint() is not None:
                         before_test = ", before the test" if self.step == total else ""
                         say(f"stopped at step {self.step} of {total}{before_test}; continue with --resume")
                 else:
@@ -571,7 +572,7 @@ class Trainer:
         }
         # Through rank 0, so that a write that fails stops every process with its one line.
         self.distributed.on_main(lambda: save_checkpoint(state, self.run_folder.last_checkpoint_path))
-        self._checkpointed_step = self.step
+        self.checkpointed_step = self.step
         return model_state
 
     def _restore(self, checkpoint, path):
@@ -607,7 +608,7 @@ class Trainer:
         self.elapsed_before = checkpoint["elapsed_seconds"]
         self.finished = checkpoint["finished"]
         self.test = checkpoint["test"]
-        self._checkpointed_step = self.step
+        self.checkpointed_step = self.step
 
     # ------------------------------------------------------------------ helpers
 
