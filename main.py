@@ -38,7 +38,13 @@ from source.configuration import load_configuration
 from source.errors import UserError, WriteFailed
 from source.plotting import PlottedRun, check_plot_folder, claim_plot_folder, legend_label, plot_runs
 from source.training import RunFolder, run_experiment
-from source.training.distributed import RankLost, ReportedElsewhere, from_environment, reported_once_per_node
+from source.training.distributed import (
+    RankLost,
+    ReportedElsewhere,
+    from_environment,
+    reported_once_per_node,
+    speaks_for_node,
+)
 from source.training.trainer import Aborted
 from source.training.run_folder import check_writable_folder, configuration_to_resume
 
@@ -272,7 +278,9 @@ def main(argv=None):
               "continue with --resume", file=sys.stderr)  # fmt: skip
         return WriteFailed.EXIT_STATUS
     except KeyboardInterrupt as error:
-        print("aborted; the last checkpoint is kept, continue with --resume", file=sys.stderr)
+        # torchrun passes a Ctrl-C to every process, and stops the others with SIGTERM when one fails.
+        if speaks_for_node():
+            print("aborted; the last checkpoint is kept, continue with --resume", file=sys.stderr)
         return SIGNAL_STATUS_BASE + getattr(error, "signal_number", signal.SIGINT)
 
 

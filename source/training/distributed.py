@@ -44,6 +44,7 @@ __all__ = [
     "process_device",
     "read_world",
     "reported_once_per_node",
+    "speaks_for_node",
 ]
 
 TIMEOUT_KEY = "[experiment] distributed_timeout_seconds"
@@ -384,15 +385,21 @@ def reported_once_per_node(environment: Mapping[str, str] | None = None) -> Iter
     the same problem; local rank 0 raises it, the others ``ReportedElsewhere``: one line, not
     one per process (nodes keep their own logs). ``environment`` defaults to ``os.environ``.
     """
-    environment = os.environ if environment is None else environment
     try:
         yield
     except ReportedElsewhere:
         raise
     except UserError as error:
-        if environment.get("LOCAL_RANK", "0").strip() in ("", "0"):
+        if speaks_for_node(environment):
             raise
         raise ReportedElsewhere(str(error)) from None
+
+
+def speaks_for_node(environment: Mapping[str, str] | None = None) -> bool:
+    """Whether this process reports what every process of its node meets alike (a problem in the
+    input, a signal torchrun sends to all): local rank 0, or a process outside torchrun."""
+    environment = os.environ if environment is None else environment
+    return environment.get("LOCAL_RANK", "0").strip() in ("", "0")
 
 
 def _lost_contact(error: BaseException) -> bool:
