@@ -19,23 +19,35 @@ Several processes: ``torchrun --nproc_per_node=N main.py ...`` trains one run in
 Exit status: 0 when the run (or comparison) finished or stopped after --stop-after-steps; 2 after
 one line on stderr about a problem with the input; 3 when the run diverged (a comparison: when
 every run diverged; otherwise its table marks the diverged ones); 4 when a process of a run in
-several processes died or stopped answering (the others stop; continue with --resume); 130 and
-143 when SIGINT (Ctrl-C) or SIGTERM stopped it, after saving its checkpoint (a second signal
-aborts at once, same status).
+several processes died or stopped answering (the others stop; continue with --resume); 5 after
+one line naming a file the system would not let it write (full disk, file-size limit,
+permissions; the last checkpoint is kept, continue with --resume) or a figure that could not be
+drawn (the finished run's results are kept); 130 and 143 when SIGINT (Ctrl-C) or SIGTERM stopped
+it, after saving its checkpoint in training (a second signal, or one during the test or the
+figures, stops at once, same status).
 """
 
 import argparse
+import contextlib
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from source.comparison import run_comparison
 from source.comparison.grid import expand_grids
 from source.configuration import load_configuration
-from source.errors import UserError
+from source.errors import UserError, WriteFailed
 from source.plotting import PlottedRun, check_plot_folder, claim_plot_folder, legend_label, plot_runs
 from source.training import RunFolder, run_experiment
-from source.training.distributed import RankLost, ReportedElsewhere, from_environment
+from source.training.distributed import (
+    RankLost,
+    ReportedElsewhere,
+    from_environment,
+    reported_once_per_node,
+    speaks_for_node,
+)
+from source.training.trainer import Aborted
 from source.training.run_folder import check_writable_folder, configuration_to_resume
 
 DEFAULT_CONFIGURATION = "configuration_lab_pal.txt"
@@ -147,17 +159,20 @@ def _report_comparison(outcome):
         print(f"{name + ':':<{width}} {value}")
 
 
-def _exit_status(stopped_by_signal, diverged):
-    """128 + the signal that stopped the run, DIVERGED, or 0."""
+def _exit_status(stopped_by_signal, diverged, figures_failed=False):
+    """128 + the signal that stopped the run, DIVERGED, WriteFailed's status when the figures failed, or 0."""
     if stopped_by_signal is not None:
         return SIGNAL_STATUS_BASE + stopped_by_signal
-    return DIVERGED if diverged else 0
+    if diverged:
+        return DIVERGED
+    return WriteFailed.EXIT_STATUS if figures_failed else 0
 
 
 def run(arguments):
     """Load every configuration (a grid file: each file it names), then train each in turn; return the
     highest exit status, stopping early when a signal stopped one."""
-    configurations = [load_configuration(path, arguments.overrides) for path in expand_grids([arguments.config])]
+    with reported_once_per_node():
+        configurations = [load_configuration(path, arguments.overrides) for path in expand_grids([arguments.config])]
     statuses = []
     for configuration in configurations:
         statuses.append(run_configuration(arguments, configuration))
@@ -168,14 +183,15 @@ def run(arguments):
 
 def run_configuration(arguments, configuration):
     """Join the other processes (torchrun), train, plot, report; return the exit status."""
-    if arguments.resume and not configuration.is_comparison:
-        # A resumed run continues with the configuration saved in its folder.
-        configuration, ignored = configuration_to_resume(configuration)
-        if ignored:
-            print(ignored, flush=True)
-    experiment = configuration["experiment"]
-    with configuration.blame("experiment", "device"):
-        distributed = from_environment(experiment["device"], experiment["distributed_timeout_seconds"])
+    with reported_once_per_node():
+        if arguments.resume and not configuration.is_comparison:
+            # A resumed run continues with the configuration saved in its folder.
+            configuration, ignored = configuration_to_resume(configuration)
+            if ignored:
+                print(ignored, flush=True)
+        experiment = configuration["experiment"]
+        with configuration.blame("experiment", "device"):
+            distributed = from_environment(experiment["device"], experiment["distributed_timeout_seconds"])
     try:
         with distributed.quiet_unless_main():
             return _run(arguments, configuration, distributed)
@@ -203,36 +219,82 @@ def _run(arguments, configuration, distributed):
     outcome = run_experiment(
         configuration, resume=arguments.resume, stop_after_steps=arguments.stop_after_steps, distributed=distributed
     )
-    plot_files = []
+    plot_files, figures_failed = [], None
     has_metrics = run_folder.metrics_path.exists() and run_folder.metrics_path.stat().st_size
+    redraw = f"python -m source.plotting {run_folder.path} --out {plot_folder}"
     if distributed.is_main and has_metrics:
-        claim_plot_folder(plot_folder, run_folder.path)
-        plot_files = plot_runs(
-            [PlottedRun(legend_label(configuration), run_folder.metrics_path)],
-            plot_folder,
-            dataset=configuration["data"]["name"],
-            model=configuration["model"]["name"],
-        )
+        try:
+            claim_plot_folder(plot_folder, run_folder.path)
+            plot_files = plot_runs(
+                [PlottedRun(legend_label(configuration), run_folder.metrics_path)],
+                plot_folder,
+                dataset=configuration["data"]["name"],
+                model=configuration["model"]["name"],
+            )
+        except WriteFailed as error:
+            figures_failed = error
+        except KeyboardInterrupt as error:
+            print(f"stopped while drawing the figures; the run's results are kept in {run_folder.path}; "
+                  f"draw them with {redraw}", file=sys.stderr)  # fmt: skip
+            return SIGNAL_STATUS_BASE + getattr(error, "signal_number", signal.SIGINT)
     _report(run_folder, plot_files, outcome)
     if outcome.diverged and distributed.is_main:
         print(f"error: {outcome.diverged}", file=sys.stderr)
-    return _exit_status(outcome.stopped_by_signal, outcome.diverged)
+    if figures_failed is not None:
+        print(f"error: {figures_failed}; the run's results are kept in {run_folder.path}; once that is fixed, "
+              f"draw the figures with {redraw}", file=sys.stderr)  # fmt: skip
+    return _exit_status(outcome.stopped_by_signal, outcome.diverged, figures_failed is not None)
+
+
+@contextlib.contextmanager
+def _signals_stop_at_once():
+    """Inside, SIGTERM stops the process as Ctrl-C does (``Aborted``), so that it reports what it kept;
+    the training loop installs its own handlers, which stop at the next step and save."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {number: signal.getsignal(number) for number in signals}
+
+    def stop(number, frame):
+        raise Aborted(number)
+
+    for number in signals:
+        signal.signal(number, stop)
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def main(argv=None):
     """Entry point: returns the exit status (see the module docstring)."""
     try:
-        return run(parse_arguments(argv))
-    except ReportedElsewhere:
-        return USAGE_ERROR
+        with _signals_stop_at_once():
+            with reported_once_per_node():
+                arguments = parse_arguments(argv)
+            return run(arguments)
+    except ReportedElsewhere as error:
+        return error.exit_status
     except RankLost as error:
         print(f"error: {error}", file=sys.stderr)
         return RankLost.EXIT_STATUS
     except UserError as error:
         print(f"error: {' '.join(str(error).splitlines())}", file=sys.stderr)
         return USAGE_ERROR
+    except WriteFailed as error:
+        print(f"error: {error}", file=sys.stderr)
+        return WriteFailed.EXIT_STATUS
+    except OSError as error:
+        # Any write the steps above do not name themselves: the system's words and the file.
+        print(f"error: {error.filename or 'a file'}: {error.strerror or error}; once that is fixed, "
+              "continue with --resume", file=sys.stderr)  # fmt: skip
+        return WriteFailed.EXIT_STATUS
     except KeyboardInterrupt as error:
-        print("aborted; the last checkpoint is kept, continue with --resume", file=sys.stderr)
+        # torchrun passes a Ctrl-C to every process, and stops the others with SIGTERM when one fails.
+        if speaks_for_node():
+            print("aborted; the last checkpoint is kept, continue with --resume", file=sys.stderr)
         return SIGNAL_STATUS_BASE + getattr(error, "signal_number", signal.SIGINT)
 
 

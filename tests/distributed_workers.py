@@ -309,3 +309,20 @@ def main_in_rank_diverging(_, argv, rank_to_diverge, after_steps):
         return step
 
     return _main_with_replaced_method(argv, rank_to_diverge, "_optimize", diverging)
+
+
+def main_in_rank_with_full_disk(_, argv, step):
+    """``main.main(argv)``, but the disk is full when process 0 saves a checkpoint of ``step``."""
+    import errno
+
+    import main
+
+    save = torch.save
+
+    def save_on_a_full_disk(state, file, *arguments, **options):
+        if isinstance(state, dict) and state.get("step") == step:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return save(state, file, *arguments, **options)
+
+    torch.save = save_on_a_full_disk
+    return main.main(argv)

@@ -8,11 +8,14 @@ from source.errors import UserError
 from source.training.distributed import (
     Distributed,
     RankLost,
+    ReportedElsewhere,
     World,
     check_batch_size,
     from_environment,
     process_device,
     read_world,
+    reported_once_per_node,
+    speaks_for_node,
 )
 from tests import distributed_workers as workers
 
@@ -253,3 +256,14 @@ def test_a_rank_that_stops_answering_makes_the_others_stop_after_the_timeout(tmp
         "within 3 s ([experiment] distributed_timeout_seconds)"
     )
     assert "Timed out" in survivor.value
+
+
+@pytest.mark.parametrize(
+    ("environment", "speaks"), [({}, True), ({"LOCAL_RANK": "0"}, True), ({"LOCAL_RANK": "1"}, False)]
+)
+def test_a_problem_every_process_of_a_node_meets_is_reported_by_its_local_rank_0(environment, speaks):
+    assert speaks_for_node(environment) is speaks
+    with pytest.raises(UserError) as raised, reported_once_per_node(environment):
+        raise UserError("unknown key bogus in [training]")
+    assert isinstance(raised.value, ReportedElsewhere) is not speaks
+    assert str(raised.value) == "unknown key bogus in [training]"

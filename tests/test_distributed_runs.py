@@ -74,8 +74,31 @@ def test_a_batch_size_the_processes_cannot_share_is_refused(workspace):
     )
     assert _statuses(results) == [2, 2]
     assert "training.batch_size 33 is not divisible by the 2 processes" in results[0].stderr
-    assert "Traceback" not in results[0].stderr + results[1].stderr
+    assert results[0].stderr.count("\n") == 1 and results[1].stderr == ""  # printed once, not once per process
     assert not (workspace / "runs" / "tiny").exists()
+
+
+def test_an_error_found_before_the_processes_join_is_printed_once(workspace):
+    results = workers.run_ranks(
+        workers.main_in_rank, 2, args=([*ARGUMENTS, *set_options("training.bogus=1")],), joins=False,
+        deadline_seconds=120,
+    )
+    assert _statuses(results) == [2, 2]
+    assert results[0].stderr.startswith("error: --set training.bogus=1: unknown key bogus in [training]")
+    assert results[0].stderr.count("\n") == 1 and results[1].stderr == ""
+
+
+def test_a_refused_checkpoint_write_stops_every_process_with_one_line(workspace):
+    results = workers.run_ranks(
+        workers.main_in_rank_with_full_disk, 2, args=(ARGUMENTS, 20), joins=False, deadline_seconds=240
+    )
+    assert _statuses(results) == [5, 5], results[0].stderr[-2000:]
+    assert results[0].stderr == (
+        "error: cannot write runs/tiny/last.pt: No space left on device; the checkpoint of step 10 is kept; "
+        "once that is fixed, continue with --resume\n"
+    )
+    assert results[1].stderr == ""
+    assert torch.load(workspace / "runs" / "tiny" / "last.pt", weights_only=True)["step"] == 10
 
 
 def test_a_comparison_is_refused_under_torchrun(workspace):

@@ -1,7 +1,11 @@
 """Figures and results tables from metrics files, and the plotting command's input checks."""
 
 import json
+import os
 import statistics
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -14,6 +18,7 @@ from source.plotting.curves import label_log_axis
 from source.plotting import __main__ as plotting_command
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+REPOSITORY = Path(__file__).resolve().parents[1]
 
 
 def _configuration(tmp_path, *overrides):
@@ -151,7 +156,29 @@ def _bad_folders(tmp_path):
     with open(broken / "metrics.jsonl", "a") as file:
         file.write("{not json\n{}\n")
     run = _run_folder(tmp_path, "run", _classification_records(0))
+    (tmp_path / "a_file").write_text("not a folder")
+
+    def damaged(name, line):
+        records = _classification_records(0)
+        folder = _run_folder(tmp_path, name, records)
+        lines = (folder / "metrics.jsonl").read_text().splitlines(keepends=True)
+        lines.insert(2, line + "\n")
+        (folder / "metrics.jsonl").write_text("".join(lines))
+        return str(folder)
+
+    validation = {"step": 15, "split": "validation", "loss": 0.5}
     return {
+        "--out an existing file": ([str(run), "--out", str(tmp_path / "a_file")], ["a_file is a file, not a folder"]),
+        "--out inside a file": ([str(run), "--out", str(tmp_path / "a_file" / "x")], ["a_file is a file"]),
+        "an empty record": ([damaged("empty_record", "{}"), "--out", "x"],
+                            ["metrics.jsonl, line 3: not a metrics record: its step None"]),
+        "a list as a record": ([damaged("list", "[1, 2]"), "--out", "x"], ["line 3: not a metrics record: a JSON list"]),
+        "no validation accuracy": ([damaged("no_accuracy", json.dumps(validation)), "--out", "x"],
+                                   ["line 3: not a metrics record: its validation record has no accuracy or rmse"]),
+        "a validation accuracy as text": (
+            [damaged("text_accuracy", json.dumps({**validation, "accuracy": "high"})), "--out", "x"],
+            ["line 3: not a metrics record: its accuracy 'high' is not a number"],
+        ),
         "missing folder": ([str(tmp_path / "absent")], ["absent is not a folder"]),
         "no configuration": ([str(tmp_path / "empty")], ["empty has no configuration.txt"]),
         "no metrics": ([str(untrained), "--out", "x"], ["untrained has no metrics yet"]),
@@ -162,6 +189,12 @@ def _bad_folders(tmp_path):
 
 
 BAD_FOLDER_CASES = [
+    "--out an existing file",
+    "--out inside a file",
+    "an empty record",
+    "a list as a record",
+    "no validation accuracy",
+    "a validation accuracy as text",
     "missing folder",
     "no configuration",
     "no metrics",
@@ -198,3 +231,44 @@ def test_log_axes_label_enough_ticks_to_read_values_off(low, high):
     assert 4 <= len(labelled) <= 12, labelled
     for location, text in labelled:
         assert float(text) == pytest.approx(location, rel=1e-3)  # plain numbers a reader can read
+
+
+def test_an_unwritable_out_folder_is_refused_with_one_line(tmp_path):
+    """Without root's capabilities (setpriv), so that chmod binds the command as it binds any user."""
+    run = _run_folder(tmp_path, "run", _classification_records(0))
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    prefix = ["setpriv", "--inh-caps=-all", "--bounding-set=-all"] if os.geteuid() == 0 else []
+    finished = subprocess.run(
+        [*prefix, sys.executable, "-m", "source.plotting", str(run), "--out", str(locked / "figures")],
+        cwd=REPOSITORY, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert finished.returncode == 2
+    assert finished.stderr == f"error: {locked / 'figures'}: the folder {locked} is not writable\n"
+
+
+def test_labels_are_drawn_as_plain_text(tmp_path):
+    """A "$" in a label is a dollar sign: mathtext would refuse this one (an unknown macro, unpaired braces)."""
+    label = "$\\undefinedmacro{$ costs $5"
+    metrics = _write_records(tmp_path / "metrics.jsonl", _classification_records(0))
+    written = plot_runs([PlottedRun(label, metrics)], tmp_path / "plots", dataset="digits$", model="$mlp")
+    assert [path.name for path in written] == [
+        "learning_rate.png", "training_loss.png", "validation_accuracy.png", "test_accuracy.png",
+        "training_batch_size.png",
+    ]  # fmt: skip
+
+
+def test_a_figure_that_cannot_be_drawn_leaves_the_tables_and_says_so(tmp_path, monkeypatch, capsys):
+    run = _run_folder(tmp_path, "run", _classification_records(0))
+
+    def refuse(figure, path, **options):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("matplotlib.figure.Figure.savefig", refuse)
+    assert plotting_command.main([str(run), "--out", str(tmp_path / "out")]) == 5
+    out = tmp_path / "out"
+    assert capsys.readouterr().err == (
+        f"error: cannot write {out / 'learning_rate.png'}: No space left on device; the results are written: "
+        f"{out / 'results.csv'}, {out / 'results.md'}\n"
+    )
+    assert (out / "results.csv").read_text().startswith("entry,label")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from source.comparison.results import entry_values, result_rows, shown_entries, sweep_groups, write_results
-from source.errors import UserError
+from source.errors import UserError, writing
 from source.plotting.curves import PlottedRun, figure_panels, quality_of
 from source.plotting.report_figures import plot_panel_grid, plot_performance_profile
 
@@ -237,7 +237,8 @@ def write_paper_report(entries, out):
     """Write the report of ``entries`` (from ``collect_entries``, at least two experiments) into
     ``out``; returns the paths written (figures: their PNG files) and the Markdown test table."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
     experiments = group_experiments(entries)
     table = tabulate_test_results(experiments)
     colours = {label: index for index, label in enumerate(table)}
@@ -248,8 +249,9 @@ def write_paper_report(entries, out):
         )
         files += experiment_files
     csv_text, markdown = _table_texts(table, experiments)
-    (out / f"{TABLE_FILE}.csv").write_text(csv_text, encoding="utf-8")
-    (out / f"{TABLE_FILE}.md").write_text(markdown, encoding="utf-8")
+    for path, text in ((out / f"{TABLE_FILE}.csv", csv_text), (out / f"{TABLE_FILE}.md", markdown)):
+        with writing(path):
+            path.write_text(text, encoding="utf-8")
     files += [out / f"{TABLE_FILE}.csv", out / f"{TABLE_FILE}.md"]
     files += _grid_figures(experiments, colours, out)
     measured = [experiment.name for experiment in experiments if experiment.quality == "accuracy"]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from source.comparison.entries import Entry, read_comparison, run_name
 from source.configuration import load_configuration
-from source.errors import UserError
+from source.errors import UserError, WriteFailed, writing
 from source.plotting.curves import PlottedRun, legend_label, plot_runs, quality_of, read_metrics, value_text
 from source.plotting.sensitivity import (
     SensitivityLine,
@@ -445,27 +445,33 @@ def _dataset_and_model(entries):
 def write_results(entries, out, colours=None):
     """Write results.csv, results.md and the figures (.png and .pdf) of ``entries`` (from
     ``collect_entries``) into ``out``; ``colours`` maps labels to colour indices (default: by
-    position). Returns the paths written (figures: their PNG files) and the Markdown table.
+    position). Returns the paths written (figures: their PNG files) and the Markdown table. The
+    tables come first: when a figure fails, ``WriteFailed`` says so and that they are written.
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     columns, rows = result_rows(entries)
     table = _markdown_text(columns, rows)
-    (out / CSV_FILE).write_text(_csv_text(columns, rows), encoding="utf-8")
-    (out / MARKDOWN_FILE).write_text(table, encoding="utf-8")
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+    for name, text in ((CSV_FILE, _csv_text(columns, rows)), (MARKDOWN_FILE, table)):
+        with writing(out / name):
+            (out / name).write_text(text, encoding="utf-8")
     dataset, model = _dataset_and_model(entries)
     shown = shown_entries(entries)
-    figures = plot_runs(
-        [
-            PlottedRun(item.legend, tuple(run.folder / "metrics.jsonl" for run in item.runs.runs) if item.runs else (),
-                       item.label, colours.get(item.label) if colours else None)
-            for item in shown
-        ],  # fmt: skip
-        out,
-        dataset=dataset,
-        model=model,
-    )
-    figures += _sensitivity_figures(entries, out, f"{dataset} {model}", colours)
+    try:
+        figures = plot_runs(
+            [
+                PlottedRun(item.legend, tuple(run.folder / "metrics.jsonl" for run in item.runs.runs) if item.runs else (),
+                           item.label, colours.get(item.label) if colours else None)
+                for item in shown
+            ],  # fmt: skip
+            out,
+            dataset=dataset,
+            model=model,
+        )
+        figures += _sensitivity_figures(entries, out, f"{dataset} {model}", colours)
+    except WriteFailed as error:
+        raise WriteFailed(f"{error}; the results are written: {out / CSV_FILE}, {out / MARKDOWN_FILE}") from error
     return [out / CSV_FILE, out / MARKDOWN_FILE, *figures], table
 
 

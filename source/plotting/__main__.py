@@ -10,8 +10,10 @@ configuration.txt. Writes results.csv, results.md and every figure as .png and .
 by default into the comparison folder when there is exactly one. Folders of several experiments
 (data set × model) make a report instead (source/comparison/paper_report.py): each experiment's
 files in <out>/<data set>_<model>/, and figure grids, the test accuracy table and the performance
-profile across them in --out. A problem with the input ends with one line on stderr and exit
-status 2.
+profile across them in --out. A problem with the input (a folder, a damaged metrics file, an --out
+that is a file or not writable) ends with one line on stderr and exit status 2; a file the system
+does not let it write or a figure that cannot be drawn, with one line and exit status 5
+(``WriteFailed``), the tables written before it kept.
 """
 
 import argparse
@@ -21,7 +23,8 @@ from pathlib import Path
 from source.comparison import collect_entries, write_results
 from source.comparison.paper_report import write_paper_report
 from source.configuration import load_configuration
-from source.errors import UserError
+from source.errors import UserError, WriteFailed
+from source.training.run_folder import check_writable_folder
 
 USAGE_ERROR = 2
 
@@ -57,21 +60,26 @@ def _default_out(folders):
 
 
 def main(argv=None):
-    """Entry point: returns 0 on success, 2 after a one-line error about the input."""
+    """Entry point: returns 0 on success, 2 after a one-line error about the input, 5 when writing failed."""
     try:
         arguments = parse_arguments(argv)
+        out = Path(arguments.out) if arguments.out else None
+        if out is not None:
+            check_writable_folder(out)
         entries = collect_entries(arguments.folders)
         if len({entry.experiment for entry in entries}) > 1:
-            if not arguments.out:
+            if out is None:
                 raise UserError("give --out DIR: the folders hold several experiments, whose report goes there")
-            out = Path(arguments.out)
             files, table = write_paper_report(entries, out)
         else:
-            out = Path(arguments.out) if arguments.out else _default_out(arguments.folders)
+            out = out or _default_out(arguments.folders)
             files, table = write_results(entries, out)
     except UserError as error:
         print(f"error: {' '.join(str(error).splitlines())}", file=sys.stderr)
         return USAGE_ERROR
+    except WriteFailed as error:
+        print(f"error: {error}", file=sys.stderr)
+        return WriteFailed.EXIT_STATUS
     print(table, end="")
     print(f"written to {out}: {', '.join(str(path.relative_to(out)) for path in files)} (figures also as .pdf)")
     return 0

@@ -10,7 +10,6 @@ display, no global pyplot state. A figure with nothing to draw is left out, and 
 metrics file does not have (older files lack the passes, batch sizes and events).
 """
 
-import json
 import math
 import statistics
 import textwrap
@@ -22,7 +21,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from source.errors import UserError
+from source.errors import UserError, WriteFailed, cause_of, writing
+from source.training.metrics_log import read_metrics
 
 __all__ = [
     "OWNER_FILE",
@@ -53,6 +53,9 @@ PALETTE = (
 )  # fmt: skip
 """Entry colours in entry order; entries past its end repeat them with dashed lines."""
 
+_PLAIN_TEXT = {"parse_math": False, "usetex": False}
+"""Labels and names are drawn as written: a "$" is a dollar sign, not the start of a formula."""
+
 _FORMATS = (".png", ".pdf")
 # Without a creation date the PDF files of the same figures are the same bytes.
 _METADATA = {".png": {}, ".pdf": {"CreationDate": None}}
@@ -74,24 +77,6 @@ class PlottedRun:
         paths = (paths,) if isinstance(paths, (str, Path)) else tuple(paths)
         object.__setattr__(self, "metrics_paths", tuple(Path(path) for path in paths))
         object.__setattr__(self, "short_label", self.short_label or self.label)
-
-
-def read_metrics(path):
-    """The records of a metrics file, in order (one JSON object per line)."""
-    with open(path, encoding="utf-8") as file:
-        lines = list(file)
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            # A run killed while writing leaves a partial last line; a resume cuts it.
-            if number == len(lines):
-                break
-            raise UserError(f"{path}, line {number}: not a JSON record ({error.msg})") from None
-    return records
 
 
 def value_text(value):
@@ -164,14 +149,22 @@ def _new_figure(title, height):
     figure = Figure(figsize=(7.0, height), dpi=120, layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    axes.set_title(title)
+    axes.set_title(title, **_PLAIN_TEXT)
     axes.grid(True, alpha=0.3)
     return figure, axes
 
 
 def _save(figure, stem):
+    """Draw ``figure`` into ``stem``.png and .pdf; ``WriteFailed`` naming the file when either fails."""
     for suffix in _FORMATS:
-        figure.savefig(stem.with_suffix(suffix), metadata=_METADATA[suffix])
+        path = stem.with_suffix(suffix)
+        with writing(path):
+            try:
+                figure.savefig(path, metadata=_METADATA[suffix])
+            except (OSError, WriteFailed):
+                raise
+            except Exception as error:  # matplotlib draws only now; whatever it trips on, the results stay
+                raise WriteFailed(f"cannot draw {path}: {cause_of(error)}") from error
     return stem.with_suffix(_FORMATS[0])
 
 
@@ -190,7 +183,7 @@ def _wrapped(label):
 
 
 def _legend(figure, handles, labels):
-    figure.legend(
+    legend = figure.legend(
         handles,
         [_wrapped(label) for label in labels],
         loc="outside lower center",
@@ -198,6 +191,8 @@ def _legend(figure, handles, labels):
         fontsize="small",
         frameon=False,
     )
+    for text in legend.get_texts():
+        text.update(_PLAIN_TEXT)
 
 
 def _legend_height(labels):
@@ -324,7 +319,7 @@ def draw_dots(axes, panel, *, compact=False):
             axes.plot(values, [position] * len(values), linestyle="none", marker="|", markersize=10, color=colour)
         if not compact:
             axes.annotate(f"{mean:.4f}", (high, position), xytext=(8, 0), textcoords="offset points", va="center")
-    axes.set_yticks(range(len(dots)), [label for _, label, _ in dots])
+    axes.set_yticks(range(len(dots)), [label for _, label, _ in dots], **_PLAIN_TEXT)
     axes.invert_yaxis()
     axes.margins(x=0.2, y=0.5 / len(dots))
     if compact:
@@ -391,10 +386,12 @@ def plot_runs(runs, folder, *, dataset, model):
     Writes learning_rate, training_loss, validation_accuracy, test_accuracy and
     training_batch_size (regression: validation_rmse, test_rmse), each titled
     "<metric> <data set> <model>", leaving out those with nothing to draw. Returns the paths of
-    the PNG files; each has its PDF beside it.
+    the PNG files; each has its PDF beside it. ``WriteFailed`` names the file that could not be
+    written or drawn.
     """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    with writing(folder):
+        folder.mkdir(parents=True, exist_ok=True)
     written = []
     for panel in figure_panels(runs):
         if panel.is_empty:
@@ -430,5 +427,6 @@ def check_plot_folder(folder, run_folder):
 def claim_plot_folder(folder, run_folder):
     """Create ``folder`` and record that it holds the plots of ``run_folder``."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / OWNER_FILE).write_text(f"{Path(run_folder).resolve()}\n", encoding="utf-8")
+    with writing(folder / OWNER_FILE):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / OWNER_FILE).write_text(f"{Path(run_folder).resolve()}\n", encoding="utf-8")

@@ -9,7 +9,16 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from source.plotting.curves import _legend, _legend_height, _save, _style, draw_dots, draw_lines, measurement_handle
+from source.plotting.curves import (
+    _PLAIN_TEXT,
+    _legend,
+    _legend_height,
+    _save,
+    _style,
+    draw_dots,
+    draw_lines,
+    measurement_handle,
+)
 
 __all__ = ["plot_panel_grid", "plot_performance_profile"]
 
@@ -24,7 +33,7 @@ def _grid_figure(rows, columns, legend_labels, title):
         layout="constrained",
     )
     FigureCanvasAgg(figure)
-    figure.suptitle(title)
+    figure.suptitle(title, **_PLAIN_TEXT)
     return figure, figure.subplots(rows, columns, squeeze=False)
 
 
@@ -54,7 +63,7 @@ def plot_panel_grid(stem, title, cells, datasets, models, colours):
                               transform=axes.transAxes)  # fmt: skip
                 continue
             panel_title, panel = drawn[dataset, model]
-            axes.set_title(panel_title, fontsize="medium")
+            axes.set_title(panel_title, fontsize="medium", **_PLAIN_TEXT)
             axes.grid(True, alpha=0.3)
             if panel.dots:
                 draw_dots(axes, panel, compact=True)

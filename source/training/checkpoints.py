@@ -7,6 +7,7 @@ model. Reading never runs code (``torch.load(weights_only=True)``), and a file t
 read gives one short ``UserError`` line.
 """
 
+import contextlib
 import os
 import pickle
 import random
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from source.errors import UserError
+from source.errors import UserError, WriteFailed, writing
 
 __all__ = [
     "capture_random_state",
@@ -39,18 +40,22 @@ _LONGEST_DETAIL = 100
 def _replace_atomically(path, write):
     """Call ``write(file)`` on a temporary file beside ``path``, then rename it over ``path``.
 
-    A crash leaves either the old file or the new one, never a half-written one.
+    A crash leaves either the old file or the new one, never a half-written one; a write the
+    system refuses raises ``WriteFailed`` naming ``path``.
     """
     path = Path(path)
     temporary = path.with_name(f".{path.name}.{os.getpid()}{PARTIAL_SUFFIX}")
     try:
-        with open(temporary, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
+        with writing(path):
+            with open(temporary, "wb") as file:
+                write(file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, path)
     except BaseException:
-        temporary.unlink(missing_ok=True)
+        # In a folder that became unwritable the temporary file cannot go either; a resume removes it.
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
         raise
 
 
@@ -90,16 +95,27 @@ def save_checkpoint(state, path):
     """Save ``state`` (whose "model" entry is a model's state dict) to ``path``, keeping the old file.
 
     The file ``path`` held before is renamed to ``previous_path(path)`` first; a kill between the
-    two steps leaves only the previous file, which a resume falls back to. Raises ``ValueError``
-    (and writes nothing) when a model parameter or buffer is not finite.
+    two steps leaves only the previous file, which a resume falls back to; a write that fails
+    (``WriteFailed``) puts the old file back. Raises ``ValueError`` (and writes nothing) when a
+    model parameter or buffer is not finite.
     """
     name = non_finite_entry(state["model"])
     if name is not None:
         raise ValueError(f"the model's {name} is not finite")
     path = Path(path)
-    if path.exists():
-        os.replace(path, previous_path(path))
-    save_atomically(state, path)
+    previous = previous_path(path)
+    rotated = path.exists()
+    if rotated:
+        with writing(path):
+            os.replace(path, previous)
+    try:
+        save_atomically(state, path)
+    except WriteFailed:
+        if rotated:
+            # The old file is still the newest good one: it goes back, so a resume needs no fallback.
+            with contextlib.suppress(OSError):
+                os.replace(previous, path)
+        raise
 
 
 def load_checkpoint(path):

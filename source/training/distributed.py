@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from source.errors import UserError
+from source.errors import UserError, WriteFailed
 
 __all__ = [
     "Distributed",
@@ -43,6 +43,8 @@ __all__ = [
     "from_environment",
     "process_device",
     "read_world",
+    "reported_once_per_node",
+    "speaks_for_node",
 ]
 
 TIMEOUT_KEY = "[experiment] distributed_timeout_seconds"
@@ -73,7 +75,14 @@ class RankLost(Exception):
 
 
 class ReportedElsewhere(UserError):
-    """A problem rank 0 found and reports; the other ranks stop with the same exit status, silently."""
+    """A problem another process reports; this one stops silently with the same exit status.
+
+    ``exit_status`` is 2 for a ``UserError`` and ``WriteFailed.EXIT_STATUS`` for a write that failed.
+    """
+
+    def __init__(self, message, exit_status=2):
+        super().__init__(message)
+        self.exit_status = exit_status
 
 
 class World(NamedTuple):
@@ -277,8 +286,8 @@ class Distributed:
     def on_main(self, work: Callable[[], object]) -> object:
         """``work()`` on rank 0 only (checks and writes of the run folder); its result on every rank.
 
-        A ``UserError`` it raises is raised on rank 0 and as ``ReportedElsewhere`` on the others,
-        so every process stops with exit status 2 and the message is printed once.
+        A ``UserError`` or ``WriteFailed`` it raises is raised on rank 0 and as ``ReportedElsewhere``
+        on the others, so every process stops with the same exit status and the message is printed once.
         """
         if not self.is_distributed:
             return work()
@@ -287,25 +296,39 @@ class Distributed:
             try:
                 outcome = ("result", work())
             except UserError as raised:
-                error, outcome = raised, ("error", str(raised))
+                error, outcome = raised, ("error", (str(raised), 2))
+            except WriteFailed as raised:
+                error, outcome = raised, ("error", (str(raised), WriteFailed.EXIT_STATUS))
         kind, value = self.broadcast_object(outcome)
         if kind == "error":
-            raise error if error is not None else ReportedElsewhere(value)
+            raise error if error is not None else ReportedElsewhere(*value)
         return value
 
     def together(self, work: Callable[[], object]) -> object:
         """``work()`` on every rank; if it raises ``UserError`` on any, every rank stops (no rank waits).
 
-        Rank 0 raises its own error, or ``ReportedElsewhere`` when only others failed (they print theirs).
+        The message is printed once: rank 0 raises its own error, or the first failing process's
+        message naming that process; the others raise ``ReportedElsewhere``.
         """
         result = error = None
         try:
             result = work()
         except UserError as raised:
             error = raised
-        if self.any_rank(error is not None):
-            raise error if error is not None else ReportedElsewhere("another process stopped with an error")
-        return result
+        if not self.is_distributed:
+            if error is not None:
+                raise error
+            return result
+        messages = self.gather_objects(None if error is None else str(error))
+        failed = [(rank, message) for rank, message in enumerate(messages) if message is not None]
+        if not failed:
+            return result
+        if not self.is_main:
+            raise ReportedElsewhere(failed[0][1])
+        if error is not None:
+            raise error
+        rank, message = failed[0]
+        raise UserError(f"{message} (process {rank})")
 
     @contextlib.contextmanager
     def guard(self, activity: str) -> Iterator[None]:
@@ -352,6 +375,31 @@ class Distributed:
             return
         with open(os.devnull, "w") as nowhere, contextlib.redirect_stdout(nowhere):
             yield
+
+
+@contextlib.contextmanager
+def reported_once_per_node(environment: Mapping[str, str] | None = None) -> Iterator[None]:
+    """Inside, before the processes join, a ``UserError`` is printed by one process of each node.
+
+    Every process of a node reads the same command line, files and environment, so each finds
+    the same problem; local rank 0 raises it, the others ``ReportedElsewhere``: one line, not
+    one per process (nodes keep their own logs). ``environment`` defaults to ``os.environ``.
+    """
+    try:
+        yield
+    except ReportedElsewhere:
+        raise
+    except UserError as error:
+        if speaks_for_node(environment):
+            raise
+        raise ReportedElsewhere(str(error)) from None
+
+
+def speaks_for_node(environment: Mapping[str, str] | None = None) -> bool:
+    """Whether this process reports what every process of its node meets alike (a problem in the
+    input, a signal torchrun sends to all): local rank 0, or a process outside torchrun."""
+    environment = os.environ if environment is None else environment
+    return environment.get("LOCAL_RANK", "0").strip() in ("", "0")
 
 
 def _lost_contact(error: BaseException) -> bool:

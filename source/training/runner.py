@@ -7,9 +7,11 @@ checkpoint last.pt names must be there too: best.pt, best.previous.pt (when a ki
 best.pt newer than last.pt), or, when the best is last.pt's own step, rebuilt from last.pt.
 """
 
+import contextlib
+
 import torch
 
-from source.errors import UserError
+from source.errors import UserError, WriteFailed
 from source.training.checkpoints import (
     non_finite_entry,
     previous_path,
@@ -232,11 +234,25 @@ def run_experiment(configuration, *, resume=False, stop_after_steps=None, distri
         trainer = distributed.together(lambda: Trainer(experiment, folder, checkpoint, resume=resume))
         distributed.on_main(lambda: folder.write_configuration(configuration))
         outcome = trainer.train(stop_after_steps)
-    except BaseException:
+    except BaseException as error:
         if trainer is not None:
-            trainer.close()
-        if distributed.is_main and not resume and (trainer is None or trainer.steps_this_session == 0):
+            # The error that stopped the run is the one to report, not a second failing write.
+            with contextlib.suppress(WriteFailed):
+                trainer.close()
+        removed = distributed.is_main and not resume and (trainer is None or trainer.steps_this_session == 0)
+        if removed:
             folder.remove()
+        if isinstance(error, WriteFailed):
+            raise WriteFailed(f"{error}; {_what_is_kept(trainer, removed)}") from error
         raise
     trainer.close()
     return outcome
+
+
+def _what_is_kept(trainer, removed):
+    """What a run stopped by a refused write leaves, and how to go on once the cause is fixed."""
+    if removed:
+        return "nothing was trained yet; start the run again once that is fixed"
+    step = trainer.checkpointed_step if trainer is not None else None
+    kept = f"the checkpoint of step {step} is kept" if step is not None else "no checkpoint was saved yet"
+    return f"{kept}; once that is fixed, continue with --resume"

@@ -81,7 +81,8 @@ class RunOutcome:
 
 
 class Aborted(KeyboardInterrupt):
-    """A second SIGINT or SIGTERM: stop at once, without saving; exit status 128 + the signal number."""
+    """A SIGINT or SIGTERM that stops at once, without saving: a second one in the training loop, or
+    one anywhere else (the test, the figures); exit status 128 + the signal number."""
 
     def __init__(self, signal_number):
         super().__init__(f"aborted by signal {signal_number}")
@@ -216,11 +217,13 @@ class Trainer:
         self.elapsed_before = 0.0
         self.stop_requested = False
         self.stop_agreed = False
+        self._signal_stops_at_once = False
         self._evaluation_due = False
         self.stop_signal = None
         self.diverged = None
         self.divergence = DivergenceWatch(settings.divergence_steps, settings.divergence_loss_factor, device)
-        self._checkpointed_step = None
+        # The step of the newest checkpoint in the run folder (None: none yet).
+        self.checkpointed_step = None
         resume_offset, resume_step = 0, (0 if resume else None)
         if checkpoint is not None:
             resume_offset, resume_step = checkpoint["metrics_offset"], checkpoint["step"]
@@ -253,21 +256,28 @@ class Trainer:
         steps_per_epoch = self.experiment.steps_per_epoch
         batches = self.experiment.data.training
         self.experiment.model.train()
-        with self._progress_bar(total) as bar, self._stop_on_signals():
-            while self.step < stop_at and not self._stopping():
-                epoch, batch_in_epoch = divmod(self.step, steps_per_epoch)
-                for inputs, targets, key in batches.epoch(epoch, batch_in_epoch):
-                    self._train_step(inputs, targets, key, bar)
-                    if self.step >= stop_at or self._stopping():
-                        break
-        # The steps since the last log interval or evaluation may have diverged too.
-        if self.diverged is None and not self._check_divergence():
-            if self.step < total:
-                if self._checkpointed_step == self.step or self._save_last_checkpoint() is not None:
-                    say(f"stopped at step {self.step} of {total}; continue with --resume")
-            else:
-                self._test_best_checkpoint()
-        self.log.flush()
+        with self._stop_on_signals():
+            with self._progress_bar(total) as bar:
+                while self.step < stop_at and not self._stopping():
+                    epoch, batch_in_epoch = divmod(self.step, steps_per_epoch)
+                    for inputs, targets, key in batches.epoch(epoch, batch_in_epoch):
+                        self._train_step(inputs, targets, key, bar)
+                        if self.step >= stop_at or self._stopping():
+                            break
+            # From here on a signal stops at once: the checkpoint of the last step is written already
+            # or is being written atomically, and a resume continues from it (and tests).
+            self._signal_stops_at_once = True
+            # A signal during the last steps' evaluation is honoured too: no test, exit 128 + N.
+            stop = self.distributed.any_rank(self.stop_requested)
+            # The steps since the last log interval or evaluation may have diverged too.
+            if self.diverged is None and not self._check_divergence():
+                if self.step < total or stop:
+                    if self.checkpointed_step == self.step or self._save_last_checkpoint() is not None:
+                        before_test = ", before the test" if self.step == total else ""
+                        say(f"stopped at step {self.step} of {total}{before_test}; continue with --resume")
+                else:
+                    self._test_best_checkpoint()
+            self.log.flush()
         return self.outcome()
 
     def _stopping(self):
@@ -393,11 +403,9 @@ class Trainer:
             model_state = self._save_last_checkpoint()
             if model_state is None:
                 self.best = previous_best
-            elif self.distributed.is_main:
-                save_checkpoint(
-                    {"step": self.step, "model": model_state, "validation": validation},
-                    self.run_folder.best_checkpoint_path,
-                )
+            else:
+                best = {"step": self.step, "model": model_state, "validation": validation}
+                self.distributed.on_main(lambda: save_checkpoint(best, self.run_folder.best_checkpoint_path))
         else:
             self._save_last_checkpoint()
         self.log.flush()
@@ -476,8 +484,7 @@ class Trainer:
         load_model_state(experiment.model, last["model"], self.run_folder.last_checkpoint_path)
         self.finished = True
         last.update(finished=True, test=self.test, metrics_offset=self.log.offset())
-        if self.distributed.is_main:
-            save_checkpoint(last, self.run_folder.last_checkpoint_path)
+        self.distributed.on_main(lambda: save_checkpoint(last, self.run_folder.last_checkpoint_path))
 
     # ------------------------------------------------------------------ divergence
 
@@ -563,9 +570,9 @@ class Trainer:
             "partial_sums_of_processes": self.distributed.world_size if not self._can_checkpoint() else None,
             "process_buffers": process_buffers,
         }
-        if self.distributed.is_main:
-            save_checkpoint(state, self.run_folder.last_checkpoint_path)
-        self._checkpointed_step = self.step
+        # Through rank 0, so that a write that fails stops every process with its one line.
+        self.distributed.on_main(lambda: save_checkpoint(state, self.run_folder.last_checkpoint_path))
+        self.checkpointed_step = self.step
         return model_state
 
     def _restore(self, checkpoint, path):
@@ -601,7 +608,7 @@ class Trainer:
         self.elapsed_before = checkpoint["elapsed_seconds"]
         self.finished = checkpoint["finished"]
         self.test = checkpoint["test"]
-        self._checkpointed_step = self.step
+        self.checkpointed_step = self.step
 
     # ------------------------------------------------------------------ helpers
 
@@ -637,7 +644,8 @@ class Trainer:
 
     @contextlib.contextmanager
     def _stop_on_signals(self):
-        """Ctrl-C or SIGTERM: finish the current step, save a checkpoint, stop; a second one aborts."""
+        """Ctrl-C or SIGTERM in the training loop: finish the current step, save a checkpoint, stop;
+        a second one, or one after the loop (the test), aborts at once."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -645,7 +653,7 @@ class Trainer:
         previous = {number: signal.getsignal(number) for number in signals}
 
         def request_stop(number, frame):
-            if self.stop_requested:
+            if self.stop_requested or self._signal_stops_at_once:
                 raise Aborted(number)
             self.stop_requested = True
             self.stop_signal = number
