@@ -47,3 +47,10 @@ def test_gpu_script_runs_on_the_cpu_with_a_few_steps(cifar_root):
     output = _run("gpu_paper_run.py", "--device", "cpu", "--root", str(cifar_root), "--train-size", "128",
                   "--steps", "2", "--warmup", "1", "--sync-steps", "0")
     assert "| LABPAL-NSGD |" in output and "| SGD |" in output and "min | not checked |" in output
+
+
+def test_regression_study_prints_every_variant_against_tuned_sgd():
+    output = _run("regression_study.py", "--seeds", "1", "--steps", "20")
+    assert "| 0.1 |" in output and "| 0.003 |" in output
+    assert "| LabPal (paper defaults: α 1.8, s_max 1) |" in output and "| 1.00 [1.00, 1.00] |" in output
+    assert "| research code, α 0.9 |" in output and "| LabPal, s_max 0.5 (research α 0.9's clip) |" in output

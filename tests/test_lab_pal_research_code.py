@@ -301,6 +301,34 @@ def test_the_exact_fit_with_alpha_3_6_and_max_step_0_5_comes_within_alpha_h_of_t
         assert difference == pytest.approx(1.8 * 1.77e-4, rel=2e-3)
 
 
+def first_measured_step(start: float, **settings) -> float:
+    """The step of the first measurement on ½θ², from θ = ``start``: the line minimum is s* = ``start``."""
+    theta = nn.Parameter(torch.tensor([start], dtype=torch.float64))
+    optimizer = LabPal([theta], approximation_batches=1, **settings)
+    optimizer.step(lambda: 0.5 * theta @ theta)
+    return optimizer.summary.last_measured_step
+
+
+@pytest.mark.parametrize("line_minimum", [0.3, 0.8])
+def test_the_research_code_with_alpha_0_9_clips_where_the_exact_fit_with_max_step_0_5_does(line_minimum):
+    # Its fit steps to 2 s* - h, so α = 0.9 halves its step, but its clip at max_step = 1 acts on
+    # the doubled step, at s* ≈ 0.5: its exact-fit equivalent is α = 1.8 with max_step = 0.5, not
+    # the defaults (which take 1.8 · s* up to s* = 1).
+    h = 1.77e-4
+    research = first_measured_step(line_minimum, research_code_steps=True, step_adaptation=0.9)
+    half_cap = first_measured_step(line_minimum, max_step=0.5)
+    defaults = first_measured_step(line_minimum)
+    assert defaults == pytest.approx(1.8 * line_minimum, rel=1e-9)
+    if line_minimum < 0.5:
+        assert half_cap == pytest.approx(defaults, rel=1e-9)
+        # Within its float32 rounding (its μ sample lies 2.8e-10 beyond μ), far below 0.9 h.
+        assert research == pytest.approx(defaults - 0.9 * h, rel=1e-5)
+    else:
+        assert half_cap == pytest.approx(0.9, rel=1e-9)
+        assert research == pytest.approx(0.9, rel=1e-7)  # the float32 product 1 · 0.9
+        assert defaults / research == pytest.approx(1.6, rel=1e-6)
+
+
 if __name__ == "__main__":
     if sys.argv[1:] != ["--record"]:
         sys.exit(f"usage: LABPAL_REFERENCE=... python {sys.argv[0]} --record")
