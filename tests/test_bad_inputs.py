@@ -10,11 +10,13 @@ run must be exactly what it holds after: no run folder, no plots folder, no chan
 import os
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
 import main
-from source.configuration import load_configuration
+from configobj import ConfigObj
+from source.configuration import SPECIFICATION_PATH, load_configuration
 from source.training.run_folder import RunFolder
 from tests.data_files import write_cifar10
 from tests.tiny_run import TINY, workspace  # noqa: F401 (workspace is a fixture)
@@ -80,6 +82,19 @@ def _crafted_pickle(path):
     path.write_bytes(pickle.dumps({"data": _ShellCommand(), "labels": [0]}))
 
 
+def _empty_cifar10(workspace):
+    """CIFAR-10 files of the right format whose batches hold no images."""
+    write_cifar10(workspace / "data")
+    folder = workspace / "data" / "cifar-10-batches-py"
+    for name in [f"data_batch_{number}" for number in range(1, 6)] + ["test_batch"]:
+        with open(folder / name, "wb") as file:
+            pickle.dump({"labels": [], "data": np.zeros((0, 3072), dtype=np.uint8)}, file)
+
+
+def _comparison_file(entry_id):
+    return _file("compare.txt", f"[experiment]\nname = many\n[comparison]\n[[{entry_id}]]\nlabel = SGD\noptimizer = sgd\n")
+
+
 def _unwritable_runs(workspace):
     (workspace / "locked").mkdir()
     (workspace / "locked").chmod(0o500)
@@ -91,6 +106,12 @@ CIFAR10 = ["--set", "data.name=cifar10", "--set", "model.name=resnet20"]
 CASES = {
     # ------------------------------------------------------------------ configuration file
     "missing configuration file": (["--config", "absent.txt"], ["absent.txt not found"], None),
+    "configuration file is a folder": (
+        ["--config", "folder"],
+        ["configuration file folder is a folder, not a file"],
+        lambda workspace: (workspace / "folder").mkdir(),
+    ),
+    "configuration file is a device": (["--config", "/dev/null"], ["/dev/null is a device, not a file"], None),
     "unparsable file": (
         ["--config", "bad.txt"],
         ["bad.txt", "not a valid configuration file"],
@@ -173,7 +194,36 @@ CASES = {
     ),
     "--set name of 300 characters": (
         ["--set", "experiment.name=" + "n" * 300],
-        ["[experiment] name = 'nnn", "at most 100 characters"],
+        ["[experiment] name = 'nnn", "at most 100 bytes"],
+        None,
+    ),
+    "--set name of 70 characters and 280 bytes": (
+        ["--set", "experiment.name=" + "\N{SLIGHTLY SMILING FACE}" * 70],
+        ["--set experiment.name=", ": [experiment] name = ", "at most 100 bytes"],
+        None,
+    ),
+    "--set divergence_loss_factor=nan": (
+        ["--set", "training.divergence_loss_factor=nan"],
+        ["--set training.divergence_loss_factor=nan: [training] divergence_loss_factor", "a finite number >= 0"],
+        None,
+    ),
+    "--set divergence_loss_factor=inf": (
+        ["--set", "training.divergence_loss_factor=inf"],
+        ["[training] divergence_loss_factor = 'inf'", "a finite number >= 0"],
+        None,
+    ),
+    "lab_pal multiplier longer than the run": (
+        ["--set", "optimizer.arguments.batch_size_schedule=0:1000000000"],
+        [
+            "--set optimizer.arguments.batch_size_schedule=0:1000000000: [optimizer]",
+            "multiplier 1000000000 at step 0",
+            "longer than the run's 24 training steps, so LABPAL would never update",
+        ],
+        None,
+    ),
+    "lab_pal later multiplier longer than the run": (
+        ["--set", "optimizer.arguments.batch_size_schedule=0:1, 10:500"],
+        ["multiplier 500 at step 10", "never update"],
         None,
     ),
     "--set name with a backslash": (
@@ -318,6 +368,7 @@ CASES = {
         ["--set data.name=cifar10: [data]", "CIFAR-10"],
         _cifar10(lambda path: path.write_bytes(b"garbage")),
     ),
+    "CIFAR-10 files without images": (CIFAR10, ["cifar10 has 0 training examples", "files"], _empty_cifar10),
     "train_size leaves no validation": (
         ["--set", "data.train_size=100000"],
         ["--set data.train_size=100000: [data]", "leaves no validation examples"],
@@ -395,6 +446,11 @@ CASES = {
         ["runs/tiny/configuration.txt", "batch_size = 'x'"],
         lambda workspace: _file("runs/tiny/configuration.txt", "[training]\nbatch_size = x\n")(workspace),
     ),
+    "comparison entry id of 300 characters": (
+        ["--config", "compare.txt"],
+        ["compare.txt: [comparison]: entry [comparison] [[eeeeeeeeeeeeeeeeeeee... (300 characters)]]", "at most 100"],
+        _comparison_file("e" * 300),
+    ),
     "resume a comparison as a run": (
         ["--resume"],
         ["cannot resume runs/tiny as a run: it is a comparison", "--config runs/tiny/configuration.txt"],
@@ -455,3 +511,36 @@ def test_resume_keeps_the_saved_configuration_and_lists_what_it_ignores(workspac
     assert last["step"] == 7
     tests = [line for line in (workspace / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines() if '"test"' in line]
     assert len(tests) == 1
+
+
+def _integer_keys():
+    """(section, key, check) of every integer key of the configspec, [comparison] seeds included."""
+    specification = ConfigObj(str(SPECIFICATION_PATH), list_values=False, _inspec=True, interpolation=False)
+    return [
+        (section, key, check)
+        for section in specification.sections
+        for key, check in specification[section].items()
+        if isinstance(check, str) and check.startswith(("integer", "integer_or", "integer_list"))
+    ]
+
+
+def test_every_integer_key_has_a_maximum():
+    keys = _integer_keys()
+    assert len(keys) >= 14
+    unbounded = [f"{section}.{key}" for section, key, check in keys if "max=" not in check]
+    assert unbounded == []
+
+
+@pytest.mark.parametrize(("section", "key"), [(section, key) for section, key, _ in _integer_keys()])
+def test_a_huge_integer_is_refused_before_anything_is_created(workspace, capsys, section, key):
+    huge = "99999999999999999999"
+    configuration = "tiny.txt"
+    if section == "comparison":
+        configuration = "compare.txt"
+        _comparison_file("sgd")(workspace)
+    before = _snapshot(workspace)
+    assert main.main(["--config", configuration, "--set", f"{section}.{key}={huge}"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: --set {section}.{key}={huge}: [{section}] {key} = '{huge}': expected ")
+    assert "<= " in error and error.count("\n") == 1
+    assert _snapshot(workspace) == before

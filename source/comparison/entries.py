@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from source.configuration import COMPARISON, Configuration, key_label, section_label
-from source.configuration.checks import CHECKS, InvalidValue, did_you_mean
+from source.configuration.checks import CHECKS, MAX_NAME_LENGTH, InvalidValue, did_you_mean
 from source.errors import UserError
 from source.optimizer import accepted_arguments
 from source.plotting.curves import arguments_text, value_text
@@ -197,7 +197,7 @@ def read_comparison(configuration):
     """The ``Comparison`` a configuration with a [comparison] section describes.
 
     Raises ``UserError`` for a comparison without entries, an entry id that is not a plain folder
-    name, and two entries with the same label.
+    name of at most ``MAX_NAME_LENGTH`` characters, and two entries with the same label.
     """
     section = configuration[COMPARISON]
     where = configuration.where(COMPARISON)
@@ -209,10 +209,11 @@ def read_comparison(configuration):
         )
     entries, labels = [], {}
     for name in names:
-        if not _ENTRY_ID.fullmatch(name):
+        if not _ENTRY_ID.fullmatch(name) or len(name) > MAX_NAME_LENGTH:
+            shown = name if len(name) <= MAX_NAME_LENGTH else f"{name[:20]}... ({len(name)} characters)"
             raise UserError(
-                f"{where}: entry {section_label((COMPARISON, name))}: its id names the entry's folder; "
-                "use letters, digits, '_' and '-' only, starting with a letter or digit"
+                f"{where}: entry {section_label((COMPARISON, shown))}: its id names the entry's folder; "
+                f"use at most {MAX_NAME_LENGTH} letters, digits, '_' and '-', starting with a letter or digit"
             )
         values = section[name]
         if values["label"] in labels:

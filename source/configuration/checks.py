@@ -33,7 +33,8 @@ __all__ = [
 ]
 
 MAX_NAME_LENGTH = 100
-"""Longest experiment name: it becomes a folder name, twice (runs and plots), within longer paths."""
+"""Longest experiment name and comparison entry id, in bytes (UTF-8): each becomes a folder name (runs
+and plots, an entry's folder), well within the 255 bytes file systems allow a name."""
 
 _CUDA_DEVICE = re.compile(r"cuda(:\d+)?")
 # '#' starts a comment in configuration files (configobj cuts the value there), ';' separates
@@ -73,7 +74,7 @@ def _check_device(value):
 
 def _check_folder_name(value):
     expectation = (
-        f"a folder name of at most {MAX_NAME_LENGTH} characters without spaces at its ends and without "
+        f"a folder name of at most {MAX_NAME_LENGTH} bytes (UTF-8) without spaces at its ends and without "
         f"any of {' '.join(_FORBIDDEN_IN_NAMES)} (the run's folder inside runs_folder)"
     )
     name = _require_text(value, expectation)
@@ -81,12 +82,29 @@ def _check_folder_name(value):
         not name.strip()
         or name != name.strip()
         or name in (".", "..")
-        or len(name) > MAX_NAME_LENGTH
+        or len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_LENGTH
         or any(character in name for character in _FORBIDDEN_IN_NAMES)
         or not name.isprintable()
     ):
         raise InvalidValue(expectation)
     return name
+
+
+def _check_finite_float(value, min=None, max=None):
+    """A finite number within [min, max]: inf and nan mean nothing for the keys that take this check."""
+    bounds = " and ".join(
+        f"{relation} {bound}" for relation, bound in ((">=", min), ("<=", max)) if bound is not None
+    )
+    expectation = f"a finite number {bounds}".strip()
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InvalidValue(expectation) from None
+    too_small = min is not None and number < float(min)
+    too_large = max is not None and number > float(max)
+    if not math.isfinite(number) or too_small or too_large:
+        raise InvalidValue(expectation)
+    return number
 
 
 def _check_integer_or(value, word, min=None, max=None):
@@ -185,6 +203,7 @@ def _schedules():
 CHECKS = {
     "device": _check_device,
     "folder_name": _check_folder_name,
+    "finite_float": _check_finite_float,
     "integer_or": _check_integer_or,
     "integer_list": _check_integer_list,
     "free_value": _check_free_value,

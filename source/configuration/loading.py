@@ -6,6 +6,7 @@ that caused it), the key and what is expected, so ``main.py`` can print it and e
 
 import ast
 import contextlib
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,7 +113,9 @@ def load_configuration(path, overrides=()):
     """
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"configuration file {path} not found; give an existing file with --config PATH")
+        raise UserError(
+            f"configuration file {path} {_why_not_a_file(path)}; give a configuration file with --config PATH"
+        )
     source = str(path)
     try:
         document = ConfigObj(
@@ -138,6 +141,21 @@ def load_configuration(path, overrides=()):
     for name in ENTRY_SECTIONS if is_comparison else (COMPARISON,):
         del sections[name]
     return Configuration(sections=sections, source=source, overrides=origins)
+
+
+def _why_not_a_file(path):
+    """Why ``path``, which is not a regular file, cannot be read as a configuration file."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "not found"
+    except OSError as error:
+        return f"cannot be read ({error.strerror or error})"
+    if stat.S_ISDIR(mode):
+        return "is a folder, not a file"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "is a device, not a file"
+    return "is not a regular file (a pipe or socket)"
 
 
 def format_configuration(configuration, header):

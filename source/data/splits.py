@@ -216,6 +216,11 @@ def resolve_train_size(name: str, available: int, train_size: int | None, preset
         size = train_size
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise UserError(f"train_size must be a positive whole number, got {size!r}; set data.train_size")
+    if available < 2:
+        raise UserError(
+            f"{name} has {available} training example{'s' if available != 1 else ''} here, too few to split into "
+            "training and validation; check that its files hold the data set (see data.root)"
+        )
     if size >= available:
         source = "" if train_size is not None else f" (the {name} preset)"
         raise UserError(

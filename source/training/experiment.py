@@ -15,10 +15,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from source.configuration.checks import InvalidArgument
 from source.data import build_datasets, build_pipelines
 from source.errors import UserError
 from source.models import build_model
-from source.optimizer import LineSearch, build_optimizer
+from source.optimizer import LabPal, LineSearch, build_optimizer
+from source.optimizer.lab_pal import noise_adaptation_factor
 from source.training.losses import choose_loss
 from source.training.distributed import Distributed, check_batch_size, process_device
 from source.training.schedules import build_schedule
@@ -139,6 +141,27 @@ def _autocast_dtype(configuration):
     return torch.bfloat16 if configuration["experiment"]["autocast"] == _BFLOAT16 else None
 
 
+def _check_batch_multipliers(optimizer, training_steps):
+    """``InvalidArgument`` for a LABPAL batch-size multiplier whose training batch is longer than the run.
+
+    A training batch of k inference batches takes k steps: with k above ``training_steps`` LABPAL
+    gathers without ever updating, and the run would end untrained as if it had finished.
+    """
+    if not isinstance(optimizer, LabPal):
+        return
+    group = optimizer.param_groups[0]
+    factor = noise_adaptation_factor(group["training_set_size"], group["inference_batch_size"])
+    for (step, given), (_, multiplier) in zip(group["batch_size_schedule"], optimizer.scaled_batch_size_schedule):
+        if step < training_steps and multiplier > training_steps:
+            raise InvalidArgument(
+                "batch_size_schedule",
+                f"argument batch_size_schedule: its multiplier {given} at step {step} (times the noise adaptation "
+                f"factor {factor:.4g}: {multiplier}) makes training batches of {multiplier} steps, longer than the "
+                f"run's {training_steps} training steps, so LABPAL would never update; choose multipliers k with "
+                f"k × {factor:.4g} at most {training_steps}",
+            )
+
+
 def _network(configuration, model, optimizer, distributed):
     """What training forward passes call: DDP for plain optimizers in several processes, compiled
     when experiment.compile is true."""
@@ -186,6 +209,7 @@ def build_optimizer_and_schedule(configuration, model, training_set_size, proces
             inference_batch_size=training["batch_size"],
             process_group=process_group,
         )
+        _check_batch_multipliers(optimizer, training["training_steps"])
     schedule_section = configuration["schedule"]
     with configuration.blame("schedule"):
         schedule = build_schedule(
