@@ -92,7 +92,8 @@ def _empty_cifar10(workspace):
 
 
 def _comparison_file(entry_id):
-    return _file("compare.txt", f"[experiment]\nname = many\n[comparison]\n[[{entry_id}]]\nlabel = SGD\noptimizer = sgd\n")
+    text = f"[experiment]\nname = many\n[comparison]\n[[{entry_id}]]\nlabel = SGD\noptimizer = sgd\n"
+    return _file("compare.txt", text)
 
 
 def _unwritable_runs(workspace):

@@ -95,6 +95,33 @@ class _RunsCode:
         return (Path.touch, (self.path,))
 
 
+def _first_weight(checkpoint):
+    """The name of the model's first weight of two or more dimensions."""
+    return next(name for name, tensor in checkpoint["model"].items() if tensor.dim() >= 2)
+
+
+def _on_meta_device(checkpoint):
+    name = _first_weight(checkpoint)
+    checkpoint["model"][name] = torch.empty_like(checkpoint["model"][name], device="meta")
+
+
+def _sparse_weight(checkpoint):
+    name = _first_weight(checkpoint)
+    checkpoint["model"][name] = checkpoint["model"][name].to_sparse()
+
+
+def _float16_weights(checkpoint):
+    checkpoint["model"] = {name: tensor.half() for name, tensor in checkpoint["model"].items()}
+
+
+def _reshaped_momentum(checkpoint):
+    checkpoint["optimizer"]["state"][0]["momentum_buffer"] = torch.zeros(3)
+
+
+def _counters_on_meta_device(checkpoint):
+    checkpoint["training_window"]["loss_sum"] = torch.empty((), dtype=torch.float64, device="meta")
+
+
 def _runs_code(folder):
     torch.save({"step": 12, "model": _RunsCode(folder / "payload_ran")}, folder / "last.pt")
 
@@ -123,6 +150,42 @@ DAMAGED = {
     "non-finite last.pt": (_edit("last.pt", _not_finite), ["last.pt", "is not finite"]),
     "last.pt that runs code": (_runs_code, ["could run code"]),
     "last.pt and last.previous.pt damaged": (_damage_both, ["runs/tiny/last.pt", "truncated"]),
+    "weights on the meta device": (_edit("last.pt", _on_meta_device), ["last.pt: its model.", "on the meta device"]),
+    "a sparse weight": (_edit("last.pt", _sparse_weight), ["last.pt: its model.", "sparse_coo tensor, not a dense"]),
+    "float16 weights": (_edit("last.pt", _float16_weights), ["last.pt: its model.", "is float16, but the model's is"]),
+    "metrics_offset = -1": (_edit("last.pt", lambda c: c.update(metrics_offset=-1)), ["metrics_offset -1 is not"]),
+    "elapsed_seconds text": (_edit("last.pt", lambda c: c.update(elapsed_seconds="long")), ["elapsed_seconds 'long'"]),
+    "step = True": (_edit("last.pt", lambda c: c.update(step=True)), ["last.pt: its step True is not a step count"]),
+    "empty best validation": (
+        _edit("last.pt", lambda c: c["best"].update(validation={})),
+        ["last.pt: its best validation result is empty"],
+    ),
+    "best step after the last": (
+        _edit("last.pt", lambda c: c["best"].update(step=99)),
+        ["last.pt: its record of the best checkpoint is damaged"],
+    ),
+    "momentum buffer of another shape": (
+        _edit("last.pt", _reshaped_momentum),
+        ["its optimizer's momentum_buffer of parameter 0 is a float32 (3,) tensor, but the parameter is float32"],
+    ),
+    "learning rate as text": (
+        _edit("last.pt", lambda c: c["optimizer"]["param_groups"][0].update(lr="fast")),
+        ["its optimizer setting group 0.lr is 'fast', not a number"],
+    ),
+    "counters on the meta device": (
+        _edit("last.pt", _counters_on_meta_device),
+        ["its training_window.loss_sum is on the meta device"],
+    ),
+    "random state of another dtype": (
+        _edit("last.pt", lambda c: c["random_state"].update(torch=c["random_state"]["torch"].long())),
+        ["its random_state.torch is a int64 (5056,) tensor, not uint8 (5056,)"],
+    ),
+    "float16 best.pt": (_edit("best.pt", _float16_weights), ["best.pt: its model.", "is float16"]),
+    "best.pt of step True": (_edit("best.pt", lambda c: c.update(step=True)), ["best.pt: its step True"]),
+    "best.pt without validation loss": (
+        _edit("best.pt", lambda c: c["validation"].pop("loss") and None),
+        ["best.pt: its validation result lacks loss"],
+    ),
     "missing best.pt": (lambda folder: (folder / "best.pt").unlink(), ["best checkpoint (step 10) is lost"]),
     "truncated best.pt": (_write("best.pt", lambda path: path.read_bytes()[:1000]), ["best.pt", "truncated"]),
     "another model's best.pt": (_edit("best.pt", _other_model), ["best.pt", "another model's weights"]),

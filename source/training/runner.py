@@ -1,7 +1,8 @@
 """Start or resume one run: check its folder and checkpoints, build the experiment, train, and clean up on failure.
 
 A resume checks last.pt against the experiment before anything in the folder changes: it must be
-readable, complete, hold this model's weights (all finite) and this optimizer's state. A damaged
+readable, complete, and hold this model's weights (dense, of its dtypes, all finite), this
+optimizer's state and counters of the right types and ranges (checkpoint_contents.py). A damaged
 last.pt gives way to last.previous.pt, the checkpoint it replaced, with a message. The best
 checkpoint last.pt names must be there too: best.pt, best.previous.pt (when a kill or damage left
 best.pt newer than last.pt), or, when the best is last.pt's own step, rebuilt from last.pt.
@@ -9,19 +10,13 @@ best.pt newer than last.pt), or, when the best is last.pt's own step, rebuilt fr
 
 import contextlib
 
-import torch
-
 from source.errors import UserError, WriteFailed
-from source.training.checkpoints import (
-    non_finite_entry,
-    previous_path,
-    read_checkpoint,
-    remove_partial_files,
-    save_atomically,
-)
+from source.training.checkpoint_contents import check_best_checkpoint, check_last_checkpoint
+from source.training.checkpoints import previous_path, read_checkpoint, remove_partial_files, save_atomically
+from source.training.evaluation import quality_metric
 from source.training.experiment import build_experiment, single_process
 from source.training.run_folder import RunFolder
-from source.training.trainer import BEST_KEYS, RunOutcome, Trainer, say
+from source.training.trainer import BEST_KEYS, RunOutcome, Trainer, initial_loop_states, say
 
 __all__ = ["LAST_KEYS", "run_experiment"]
 
@@ -42,60 +37,11 @@ LAST_KEYS = (
 """What last.pt holds (besides the divergence counters and mark, which older checkpoints lack)."""
 
 
-def _refuse(path, problem):
-    raise UserError(f"cannot use the checkpoint {path}: {problem}")
-
-
-def _check_model_state(state, model, path):
-    """``UserError`` unless ``state`` holds finite weights of exactly ``model``'s names and shapes."""
-    if not isinstance(state, dict):
-        _refuse(path, "its model entry is not a state dict")
-    expected = model.state_dict()
-    missing = [name for name in expected if name not in state]
-    unexpected = [name for name in state if name not in expected]
-    reshaped = [
-        name
-        for name in expected
-        if name in state and (not isinstance(state[name], torch.Tensor) or state[name].shape != expected[name].shape)
-    ]
-    if missing or unexpected or reshaped:
-        example = (missing or unexpected or reshaped)[0][:60]
-        _refuse(
-            path,
-            f"it holds another model's weights ({len(missing)} missing, {len(unexpected)} unexpected, "
-            f"{len(reshaped)} of another shape, e.g. {example})",
-        )
-    name = non_finite_entry(state)
-    if name is not None:
-        _refuse(path, f"its {name[:60]} is not finite (NaN or inf); remove the file to start the run again")
-
-
-def _check_optimizer_state(state, optimizer, path):
-    """``UserError`` unless ``state`` is a state dict of this optimizer over these parameters."""
-    if not isinstance(state, dict) or not isinstance(state.get("param_groups"), list) or "state" not in state:
-        _refuse(path, "its optimizer entry is not an optimizer's state dict")
-    fresh = optimizer.state_dict()["param_groups"]
-    groups = state["param_groups"]
-    if len(groups) != len(fresh) or any(
-        not isinstance(group, dict) or len(group.get("params", ())) != len(own["params"])
-        for group, own in zip(groups, fresh)
-    ):
-        _refuse(path, "its optimizer state is for other parameters")
-    unexpected = sorted({key for group in groups for key in group} - {key for own in fresh for key in own})
-    if unexpected:
-        _refuse(path, f"it holds another optimizer's state (settings {', '.join(unexpected[:3])})")
-
-
 def _check_last(path, experiment):
     """last.pt (or last.previous.pt) read and checked against ``experiment``; ``UserError`` when it does not fit."""
     checkpoint = read_checkpoint(path, LAST_KEYS)
-    if not isinstance(checkpoint["step"], int) or checkpoint["step"] < 0:
-        _refuse(path, f"its step {checkpoint['step']!r} is not a step count")
-    _check_model_state(checkpoint["model"], experiment.model, path)
-    _check_optimizer_state(checkpoint["optimizer"], experiment.optimizer, path)
-    best = checkpoint["best"]
-    if best is not None and not (isinstance(best, dict) and isinstance(best.get("step"), int) and "validation" in best):
-        _refuse(path, "its record of the best checkpoint is damaged")
+    quality, _ = quality_metric(experiment.splits.task)
+    check_last_checkpoint(checkpoint, experiment, initial_loop_states(experiment), quality, path)
     return checkpoint
 
 
@@ -125,7 +71,7 @@ def _last_checkpoint(folder, experiment, repairs):
     return None
 
 
-def _check_best(folder, checkpoint, model, repairs):
+def _check_best(folder, checkpoint, model, quality, repairs):
     """Make sure best.pt holds the best checkpoint ``checkpoint`` names; ``UserError`` when it is lost.
 
     A best.pt of a later step than the best ``checkpoint`` knows (written after it, before a kill
@@ -143,7 +89,7 @@ def _check_best(folder, checkpoint, model, repairs):
             continue
         try:
             candidate = read_checkpoint(candidate_path, BEST_KEYS)
-            _check_model_state(candidate["model"], model, candidate_path)
+            check_best_checkpoint(candidate, model, quality, candidate_path)
         except UserError as error:
             problem = problem or error
             continue
@@ -192,7 +138,7 @@ def _prepare_folder(folder, experiment, configuration, resume):
                 f"{configuration.where('training', 'training_steps')}: {total} is less than the "
                 f"{checkpoint['step']} steps {folder.path} has run already"
             )
-        _check_best(folder, checkpoint, experiment.model, repairs)
+        _check_best(folder, checkpoint, experiment.model, quality_metric(experiment.splits.task)[0], repairs)
     if resume:
         remove_partial_files(folder.path)
     for state, path in repairs:

@@ -57,7 +57,7 @@ from source.training.evaluation import RunningMetrics, evaluate, quality_metric
 from source.training.losses import with_reduction
 from source.training.metrics_log import MetricsLog
 
-__all__ = ["BEST_KEYS", "Aborted", "DivergenceWatch", "RunOutcome", "Trainer"]
+__all__ = ["BEST_KEYS", "Aborted", "DivergenceWatch", "RunOutcome", "Trainer", "initial_loop_states"]
 
 BEST_KEYS = ("step", "model", "validation")
 """What best.pt holds."""
@@ -666,6 +666,20 @@ class Trainer:
         finally:
             for number, handler in previous.items():
                 signal.signal(number, handler)
+
+
+def initial_loop_states(experiment):
+    """The states a new ``Trainer`` of ``experiment`` starts from, by checkpoint key: a checkpoint's must
+    match them in kind (source/training/checkpoint_contents.py)."""
+    splits, settings, device = experiment.splits, experiment.settings, experiment.device
+    metrics = RunningMetrics(splits.task, splits.target_scale, device).state_dict()
+    return {
+        "training_window": metrics,
+        "evaluation_interval": metrics,
+        "divergence": DivergenceWatch(settings.divergence_steps, settings.divergence_loss_factor, device).state_dict(),
+        "random_state": capture_random_state(),
+        "schedule": experiment.schedule.state_dict() if experiment.schedule is not None else None,
+    }
 
 
 def load_model_state(model, state, path):
