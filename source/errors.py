@@ -11,6 +11,10 @@ class UserError(Exception):
     """
 
 
+class DataFileError(UserError):
+    """A damaged file among the data, which the message names: no configuration key is to blame for it."""
+
+
 class WriteFailed(Exception):
     """A file could not be written (full disk, file-size limit, permissions) or a figure could not be drawn.
 

@@ -7,9 +7,12 @@ know which file an item came from.
 
 from __future__ import annotations
 
+import io
 import pickle
 import shutil
+import struct
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,6 +138,34 @@ def write_image_folder(
         class_folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(class_folder / f"{index:04d}{suffix}")
     return written
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def bad_image_bytes(kind: str) -> bytes:
+    """The bytes of an image file that cannot be read, of one of four ``BAD_IMAGES`` kinds.
+
+    The decompression bomb is a PNG header that announces 15,000 x 15,000 pixels, more than
+    twice PIL's limit, so PIL refuses it before decoding anything.
+    """
+    if kind == "random bytes":
+        return np.random.default_rng(0).integers(0, 256, size=3000, dtype=np.uint8).tobytes()
+    if kind == "zero bytes":
+        return b""
+    if kind == "truncated JPEG":
+        encoded = io.BytesIO()
+        Image.fromarray(tagged_images(range(1), [0], seed=9).images[0]).save(encoded, format="JPEG")
+        return encoded.getvalue()[:400]
+    if kind == "decompression bomb":
+        header = struct.pack(">IIBBBBB", 15_000, 15_000, 8, 0, 0, 0, 0)
+        return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IEND", b"")
+    raise ValueError(f"unknown kind of bad image: {kind}")
+
+
+BAD_IMAGES = {"random bytes": ".jpg", "zero bytes": ".png", "truncated JPEG": ".jpg", "decompression bomb": ".png"}
+"""The kinds of unreadable image files ``bad_image_bytes`` writes, with the suffix each is named by."""
 
 
 def copy_a_few_cifar10_jpegs(destination: Path, classes: tuple[str, ...], train_per_class: int, test_per_class: int):

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import pickle
+import re
+
 import urllib.error
 from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.io
 import torch
 import torchvision.datasets.cifar
 import torchvision.datasets.svhn
@@ -16,18 +20,23 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 from torchvision.datasets import CIFAR10
 
-from source.data import DataSplits, available_datasets, build_datasets
+import main
+from source.data import DataSplits, available_datasets, build_datasets, image_folder
 from source.data.presets import PRESETS
 from source.data.splits import StoredSplit
 from source.data.transforms import NORMALIZATION, CropAndFlip
 from source.errors import UserError
+from source.training.checkpoints import load_checkpoint
 from tests.data_files import (
+    BAD_IMAGES,
+    bad_image_bytes,
     copy_a_few_cifar10_jpegs,
     write_cifar10,
     write_cifar100,
     write_image_folder,
     write_svhn,
 )
+from tests.tiny_run import set_options, workspace  # noqa: F401 (workspace is a fixture)
 
 
 
@@ -267,7 +276,69 @@ def test_missing_svhn_files_name_the_files_and_folder(tmp_path):
     )
 
 
+def _rewrite_svhn_training_file(folder, change):
+    """Rewrite folder/train_32x32.mat with its (X, y) passed through ``change``."""
+    path = folder / "train_32x32.mat"
+    content = scipy.io.loadmat(path)
+    images, labels = change(content["X"], content["y"])
+    scipy.io.savemat(path, {"X": images, "y": labels})
+
+
+SVHN_DAMAGE = {
+    "a label of 11": (lambda X, y: (X, np.where(np.arange(len(y))[:, None] == 3, 11, y)), "labels outside 1..10"),
+    "10 labels for 12 images": (lambda X, y: (X, y[:10]), "it holds 12 images and 10 labels"),
+    "1-channel images": (lambda X, y: (X[:, :, :1], y), "uint8 array of shape (32, 32, 1, 12), not uint8 images"),
+    "28x28 images": (lambda X, y: (X[:28, :28], y), "of shape (28, 28, 3, 12)"),
+    "float images": (lambda X, y: (X.astype(np.float32), y), "X is a float32 array"),
+}
+
+
+@pytest.mark.parametrize("case", list(SVHN_DAMAGE))
+def test_svhn_contents_that_break_the_format_are_refused_naming_the_file(tmp_path, case):
+    change, fragment = SVHN_DAMAGE[case]
+    write_svhn(tmp_path / "svhn")
+    _rewrite_svhn_training_file(tmp_path / "svhn", change)
+    with pytest.raises(UserError) as raised:
+        build_datasets("svhn", tmp_path, train_size=9)
+    message = str(raised.value)
+    assert message.startswith(f"{tmp_path / 'svhn' / 'train_32x32.mat'} is not an SVHN data file: ")
+    assert fragment in message and message.endswith("; delete it and download it again") and "\n" not in message
+
+
+CIFAR_DAMAGE = {
+    "a label of 10": (lambda batch: batch["labels"].__setitem__(0, 10), "holds labels outside 0..9"),
+    "3 labels for 4 images": (lambda batch: batch["labels"].pop(), "it holds 4 images, 3 labels"),
+    "rows of another size": (lambda batch: batch.update(data=batch["data"][:, :1024]), "not uint8 rows of 3072 bytes"),
+}
+
+
+@pytest.mark.parametrize("case", list(CIFAR_DAMAGE))
+def test_cifar_contents_that_break_the_format_are_refused_naming_the_file(tmp_path, case):
+    change, fragment = CIFAR_DAMAGE[case]
+    write_cifar10(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    batch = pickle.loads(path.read_bytes())
+    change(batch)
+    path.write_bytes(pickle.dumps(batch))
+    with pytest.raises(UserError, match=f"^{path} is not a CIFAR-10 data file: .*{re.escape(fragment)}"):
+        build_datasets("cifar10", tmp_path, train_size=10)
+
+
 # --- image folders -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("image_size", [32, 224], ids=["small_images", "large_images"])
+@pytest.mark.parametrize("kind", list(BAD_IMAGES))
+def test_an_unreadable_image_is_refused_before_training_naming_the_file(tmp_path, kind, image_size):
+    write_image_folder(tmp_path / "train", ["a", "b"], per_class=3, first_id=0)
+    write_image_folder(tmp_path / "val", ["a", "b"], per_class=1, first_id=50)
+    bad = tmp_path / "train" / "b" / f"bad{BAD_IMAGES[kind]}"
+    bad.write_bytes(bad_image_bytes(kind))
+    with pytest.raises(UserError) as raised:
+        build_datasets("image_folder", tmp_path, image_size=image_size)
+    message = str(raised.value)
+    assert message.startswith(f"cannot read the image file {bad}: ") and message.endswith("; replace it or remove it")
+    assert "\n" not in message
 
 
 def test_image_folder_with_test_folder_and_cifar_options_trains_like_cifar(tmp_path):
@@ -354,3 +425,29 @@ def test_real_cifar10_jpegs_load_as_a_cifar_style_image_folder(tmp_path):
     assert [int(label) for _, label in splits.test] == [0] * 5 + [1] * 5
     assert splits.train[0][0].shape == (3, 32, 32)
     assert all(varies_with_augmentation(splits.train, index) for index in range(3))
+
+
+@pytest.mark.parametrize(("pipeline", "workers"), [("loader", 2), ("loader", 0), ("device", 0)])
+def test_an_unreadable_image_of_a_large_folder_stops_the_run_with_one_line(workspace, monkeypatch, capsys, pipeline,
+                                                                         workers):
+    """Too many files to check before training: the bad one, in the test split, is met after the last checkpoint
+    (loader), or when the device pipeline reads every image before training."""
+    monkeypatch.setattr(image_folder, "VERIFIED_FILES", 0)
+    write_image_folder(workspace / "images" / "train", ["a", "b"], per_class=10, first_id=0)
+    write_image_folder(workspace / "images" / "test", ["a", "b"], per_class=2, first_id=50)
+    bad = workspace / "images" / "test" / "b" / "bad.jpg"
+    bad.write_bytes(bad_image_bytes("truncated JPEG"))
+    settings = set_options(
+        "data.name=image_folder", "data.root=images", "data.image_size=32", "data.normalization=cifar10",
+        f"data.pipeline={pipeline}", f"data.num_workers={workers}", "training.batch_size=4",
+        "training.training_steps=4", "training.evaluate_every_steps=2", "logging.tensorboard=false",
+    )  # fmt: skip
+    assert main.main(["--config", "tiny.txt", *settings]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: cannot read the image file images/test/b/bad.jpg: ") and error.count("\n") == 1
+    assert error.endswith("; replace it or remove it\n")
+    folder = workspace / "runs" / "tiny"
+    if pipeline == "device":
+        assert not folder.exists()
+    else:
+        assert load_checkpoint(folder / "last.pt")["step"] == 4

@@ -14,7 +14,7 @@ from configobj import ConfigObj, ConfigObjError, Section, flatten_errors
 from validate import Validator
 
 from source.configuration.checks import CHECKS, InvalidValue, did_you_mean
-from source.errors import UserError
+from source.errors import DataFileError, UserError
 
 __all__ = [
     "COMPARISON",
@@ -88,10 +88,13 @@ class Configuration:
     def blame(self, section, key=None):
         """Prefix a ``UserError`` raised inside with the file (or --set) and key it comes from.
 
-        An ``InvalidArgument`` names one of the section's [[arguments]], and its --set if it has one.
+        An ``InvalidArgument`` names one of the section's [[arguments]], and its --set if it has one;
+        a ``DataFileError`` names its file and passes unchanged.
         """
         try:
             yield
+        except DataFileError:
+            raise
         except UserError as error:
             argument = getattr(error, "argument", None)
             where = self.where(section, key) if argument is None else self.where_argument(section, argument)

@@ -206,10 +206,34 @@ def build_svhn(root: Path, options: DataOptions) -> DataSplits:
     with _reading("SVHN", folder, download=bool(missing)):
         training_files = _SVHNFiles(folder, split="train", download=bool(missing))
         test_files = _SVHNFiles(folder, split="test", download=bool(missing))
+    for files in (training_files, test_files):
+        _check_svhn(files, folder / files.filename)
     size = pipelines.image_size
     training_base = _stored(training_files.data, training_files.labels, size)
     test_base = _stored(test_files.data, test_files.labels, size)
     return image_classification_splits("svhn", training_base, test_base, pipelines=pipelines, num_classes=10, options=options)
+
+
+def _check_svhn(files: SVHN, path: Path) -> None:
+    """``UserError`` unless the file held uint8 32x32 RGB images and one label from 1 to 10 for each.
+
+    torchvision's reader takes any arrays under the keys X and y; images of another size would
+    train without a word, and a stray label would fail mid-run.
+    """
+    images, labels = files.data, files.labels
+    problem = None
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (3, _NATIVE_SIZE, _NATIVE_SIZE):
+        stored = (*images.shape[2:], *images.shape[1:2], *images.shape[:1]) if images.ndim == 4 else images.shape
+        problem = (
+            f"X is a {images.dtype} array of shape {stored}, not uint8 images of shape "
+            f"({_NATIVE_SIZE}, {_NATIVE_SIZE}, 3, N)"
+        )
+    elif labels.size != len(images):
+        problem = f"it holds {len(images)} images and {labels.size} labels"
+    elif len(labels) and not 0 <= labels.min() <= labels.max() <= 9:
+        problem = "y holds labels outside 1..10"
+    if problem is not None:
+        raise UserError(f"{path} is not an SVHN data file: {problem}; delete it and download it again")
 
 
 def _stored(images: np.ndarray, labels, size: int) -> TensorStore:
