@@ -168,7 +168,7 @@ BAD_CONFIGURATIONS = {
     "folder name with slash": ("[experiment]\nname = a/b\n", [], ["[experiment] name", "folder name"]),
     "folder name with quoted hash": ('[experiment]\nname = "a#b"\n', [], ["[experiment] name = 'a#b'", "# ; / \\"]),
     "folder name with semicolon": ("[experiment]\nname = a;b\n", [], ["[experiment] name = 'a;b'", "folder name"]),
-    "folder name too long": ("[experiment]\nname = " + "x" * 101 + "\n", [], ["at most 100 characters", "..."]),
+    "folder name too long": ("[experiment]\nname = " + "x" * 101 + "\n", [], ["at most 100 bytes", "..."]),
     "override cut at a hash": ("", ["experiment.name=a#b"], ["--set experiment.name=a#b", "'#'", "comment"]),
 }
 
