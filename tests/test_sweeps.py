@@ -155,6 +155,14 @@ BAD_SWEEPS = {
         [],
         ["[[[sweep]]] foreach: the value 'a/b' cannot name a run folder ('foreach_a/b')"],
     ),
+    "point whose folder name is too long": (
+        [("lr = 0.01, 0.1", "lr = 0.01, 0.1\n        foreach = " + "a" * 90 + ", none")],
+        [],
+        [
+            "[comparison] [[sgd]] [[[sweep]]]: the sweep point 'lr_0.01-foreach_aaaa",
+            "bytes, more than 100; sweep fewer arguments",
+        ],
+    ),
     "point label of another entry": (
         [("label = Adam", 'label = "SGD lr 0.1, gamma 0.5"')],
         [],

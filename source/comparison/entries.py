@@ -289,7 +289,26 @@ def _read_sweep(configuration, name, values):
                 raise UserError(
                     f"{where}: the value {value_text(value)!r} cannot name a run folder "
                     f"({point_name({argument: value})!r}): use values without spaces at their ends, "
-                    "'#', ';', '/' or '\\', of at most 100 characters with the argument's name"
+                    f"'#', ';', '/' or '\\', of at most {MAX_NAME_LENGTH} bytes with the argument's name"
                 ) from None
         sweep.append(SweptArgument(argument, target, tuple(given)))
+    _check_longest_point(configuration, path, sweep)
     return tuple(sweep)
+
+
+def _check_longest_point(configuration, path, sweep):
+    """``UserError`` when the longest point of ``sweep``, its arguments' longest values joined, cannot name a folder."""
+    if len(sweep) < 2:
+        return
+    longest = {
+        swept.name: max(swept.values, key=lambda value, name=swept.name: len(point_name({name: value}).encode()))
+        for swept in sweep
+    }
+    name = point_name(longest)
+    try:
+        CHECKS["folder_name"](name)
+    except InvalidValue:
+        raise UserError(
+            f"{configuration.origin(path)}: {section_label(path)}: the sweep point {name[:40]!r}... names a folder "
+            f"of {len(name.encode())} bytes, more than {MAX_NAME_LENGTH}; sweep fewer arguments or shorter values"
+        ) from None
