@@ -50,6 +50,8 @@ def test_torch_optimizers_take_their_own_arguments():
         ("lab_pal", {"buffers": None}, "unknown argument 'buffers'"),
         ("lab_pal", {"momentum": 1.5}, "optimizer 'lab_pal' refuses argument momentum: Invalid momentum: 1.5; it must be in [0, 1)"),
         ("sgd", {"lr": -1.0}, "optimizer 'sgd' refuses argument lr: Invalid learning rate: -1.0"),
+        ("pls", {"expl_policy": "exponential"}, "optimizer 'pls' refuses argument expl_policy: Invalid expl_policy: "
+         "'exponential' with rules='original'; expl_policy belongs to rules='research' only"),
     ],
 )
 def test_bad_names_and_arguments_are_user_errors(name, arguments, message):

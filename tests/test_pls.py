@@ -26,6 +26,7 @@ from source.optimizer.pls import (
     bivariate_normal_upper_orthant,
     evaluate_batch,
 )
+from source.optimizer.pls.pls import expected_improvement, next_base_learning_rate
 
 # --------------------------------------------------------------------------- bivariate normal
 
@@ -136,7 +137,7 @@ def quadratic_line(step_factor):
 def test_noise_free_quadratic_line_accepts_a_point_that_satisfies_the_wolfe_conditions(step_factor, expected_t):
     model, closure, alpha0 = quadratic_line(step_factor)
     start = model.weight.detach().clone()
-    optimizer = Pls(model.parameters(), alpha0)
+    optimizer = Pls(model.parameters(), alpha0, rules="research")
 
     def line_loss(alpha):
         with torch.no_grad():
@@ -162,6 +163,171 @@ def test_noise_free_quadratic_line_accepts_a_point_that_satisfies_the_wolfe_cond
     slope_at_alpha = (line_loss(alpha + h) - line_loss(alpha - h)) / (2 * h)
     assert phi_alpha <= phi_0 + 0.005 * alpha * slope_at_zero
     assert -0.1 <= slope_at_alpha / abs(slope_at_zero) <= 1.1
+
+
+# --------------------------------------------------------------------------- the original rules
+
+
+def steps_until_the_search_ends(optimizer, closure, limit=20):
+    """Step until a search ends (accepted or aborted); return the number of evaluations after the start."""
+    def searches():
+        values = optimizer.log_values()
+        return values["accepted_searches"] + values["aborted_searches"]
+
+    before = searches()
+    optimizer.step(closure)  # t = 0
+    for evaluations in range(1, limit + 1):
+        optimizer.step(closure)
+        if searches() > before:
+            return evaluations
+    raise AssertionError(f"no search ended within {limit} evaluations")
+
+
+@pytest.mark.parametrize(
+    "step_factor, expected_t, evaluations",
+    [(2.0, 0.5, 2), (0.15, 2.0, 2), (0.03, 8.0, 4)],  # line minimum t* = 0.5, 6.7 and 33.3
+)
+def test_original_rules_on_a_noise_free_quadratic_accept_a_wolfe_point_and_grow_alpha0_by_1_3(
+        step_factor, expected_t, evaluations):
+    """t = 1 first; then the minimum of the posterior mean (exact on a parabola) or an extrapolation
+    by doubling (1, 2, 4, 8); the first point with 0 ≤ f'(t) + 0.8 ≤ 1.6 and sufficient decrease is taken."""
+    model, closure, alpha0 = quadratic_line(step_factor)
+    start = model.weight.detach().clone()
+    optimizer = Pls(model.parameters(), alpha0)
+    with torch.enable_grad():
+        closure().mean().backward()
+    gradient = model.weight.grad.detach().clone()
+    assert steps_until_the_search_ends(optimizer, closure) == evaluations
+    values = optimizer.log_values()
+    assert values["accepted_searches"] == 1 and values["aborted_searches"] == 0
+    alpha = values["learning_rate"]
+    assert alpha == pytest.approx(expected_t * alpha0, rel=1e-9)
+    torch.testing.assert_close(model.weight.detach(), start - alpha * gradient)
+    slope = -1.0 + expected_t * step_factor  # f'(t) / |f'(0)| on the parabola
+    assert -0.8 <= slope <= 0.8
+    assert values["base_learning_rate"] == pytest.approx(1.3 * alpha, rel=1e-12)
+
+
+def linear_line():
+    """Identical samples whose loss falls linearly along -g without end: no point is ever acceptable."""
+    model = nn.Linear(3, 1, bias=False, dtype=torch.float64)
+    inputs = torch.tensor([1.0, 2.0, -1.0], dtype=torch.float64).repeat(8, 1)
+    closure = make_batch_closure(model, lambda outputs, targets: outputs.squeeze(-1), inputs, torch.zeros(8))
+    return model, closure
+
+
+def test_original_rules_stop_after_seven_evaluations_at_the_point_of_lowest_posterior_mean():
+    model, closure = linear_line()
+    start = model.weight.detach().clone()
+    alpha0 = 1e-3
+    optimizer = Pls(model.parameters(), alpha0)
+    assert steps_until_the_search_ends(optimizer, closure) == 7
+    observations = optimizer._search["observations"]
+    positions = [observation[0] for observation in observations]
+    assert positions == [0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]  # extrapolation by doubling
+    process = LineGaussianProcess(observations)
+    lowest = min(positions[1:], key=process.mean)
+    assert lowest == 64.0  # a falling line: the farthest point
+    direction = -torch.tensor([[1.0, 2.0, -1.0]], dtype=torch.float64)
+    torch.testing.assert_close(model.weight.detach(), start + lowest * alpha0 * direction)
+    values = optimizer.log_values()
+    assert values["aborted_searches"] == 1 and values["accepted_searches"] == 0
+    assert values["learning_rate"] == pytest.approx(64 * alpha0)
+    assert values["base_learning_rate"] == pytest.approx(1.3 * 64 * alpha0)
+    # No evaluation is kept at the new iterate: the next step starts the next line there.
+    assert optimizer._search["phase"] == "starting"
+    assert steps_until_the_search_ends(optimizer, closure) == 7
+    assert optimizer.log_values()["base_learning_rate"] == pytest.approx(1.3**2 * 64**2 * alpha0)
+
+
+def test_original_rules_move_to_the_lowest_posterior_mean_among_noisy_evaluations():
+    """On noisy lines the point taken after the last evaluation is the argmin of the posterior mean."""
+    batches = tabular_batches(60, size=16, seed=2)
+    model = tanh_network()
+    optimizer = Pls(model.parameters(), 1e-4, c_w=0.99, max_steps=3)  # c_W 0.99: searches rarely accept
+    checked = 0
+    for inputs, targets in batches:
+        before = [p.detach().clone() for p in model.parameters()]
+        position, alpha0 = optimizer._search["position"], optimizer._search["alpha0"]
+        aborted = optimizer.log_values()["aborted_searches"]
+        run_steps(optimizer, model, [(inputs, targets)])
+        if optimizer.log_values()["aborted_searches"] > aborted and optimizer._search["phase"] == "starting":
+            observations = optimizer._search["observations"]
+            assert len(observations) == 1 + 4  # t = 0 and max_steps + 1 evaluations
+            process = LineGaussianProcess(observations)
+            lowest = min((observation[0] for observation in observations[1:]), key=process.mean)
+            for p, q, d in zip(model.parameters(), before, [optimizer.state[p]["direction"] for p in model.parameters()]):
+                torch.testing.assert_close(p.detach(), q + (lowest - position) * alpha0 * d)
+            checked += 1
+    assert checked >= 3
+
+
+@pytest.mark.parametrize(
+    "learning_rate, statistics, expected_alpha0, expected_statistics",
+    [
+        (2.0, 1.0, 2.6, 1.05),  # within the band: 1.3 α
+        (1e-3, 1.0, 0.95005, 0.95005),  # below 0.01 × the statistics: reset to them
+        (1e-2, 1.0, 0.013, 0.9505),  # just inside the band
+    ],
+)
+def test_next_base_learning_rate_grows_by_1_3_and_resets_outside_0_01_to_100_times_the_statistics(
+        learning_rate, statistics, expected_alpha0, expected_statistics):
+    alpha0, new_statistics = next_base_learning_rate(learning_rate, statistics, 1.3, 100.0)
+    assert new_statistics == pytest.approx(expected_statistics, rel=1e-12)
+    assert alpha0 == pytest.approx(expected_alpha0, rel=1e-12)
+    # The statistics include α, so with factor 100 no α lies above the band; factor 3 shows the upper reset.
+    assert next_base_learning_rate(10.0, 1.0, 1.3, 3.0) == pytest.approx((1.45, 1.45))
+
+
+def test_expected_improvement_matches_sampling():
+    samples = np.random.default_rng(0).normal(0.3, 0.5, 400_000)
+    assert expected_improvement(0.3, 0.5, 0.1) == pytest.approx(np.maximum(0.1 - samples, 0).mean(), rel=1e-2)
+    assert expected_improvement(0.3, 0.0, 0.5) == pytest.approx(0.2)
+
+
+def test_strong_wolfe_probability_matches_sampling_the_posterior():
+    observations = [(0.0, 0.0, -1.0, 0.05, 0.2), (1.0, -0.6, -0.5, 0.05, 0.2), (2.5, -0.7, 0.4, 0.05, 0.2)]
+    process = LineGaussianProcess(observations)
+    for t in (0.7, 1.8, 3.0):
+        mean, covariance = process.posterior([(0.0, 0), (0.0, 1), (t, 0), (t, 1)])
+        samples = np.random.default_rng(1).multivariate_normal(mean, covariance, 400_000)
+        a = samples[:, 0] - samples[:, 2] + 0.05 * t * samples[:, 1]
+        b = samples[:, 3] - 0.8 * samples[:, 1]
+        high = 1.6 * (abs(mean[1]) + 2 * math.sqrt(covariance[1, 1]))
+        expected = np.mean((a >= 0) & (b >= 0) & (b <= high))
+        assert process.strong_wolfe_probability(t, 0.05, 0.8) == pytest.approx(expected, abs=4e-3)
+
+
+@pytest.mark.parametrize(
+    "rules, argument, value",
+    [("original", "expl_policy", "linear"), ("original", "df_lo", -0.1), ("original", "max_expl", 20),
+     ("original", "target_df", 0.5), ("original", "max_dmu0", 0.0), ("research", "c2", 0.8)],
+)
+def test_an_option_of_the_other_rule_set_is_refused(rules, argument, value):
+    with pytest.raises(ValueError, match=f"Invalid {argument}: {value!r} with rules='{rules}'; {argument} belongs to"):
+        Pls([nn.Parameter(torch.zeros(2))], rules=rules, **{argument: value})
+
+
+def test_unknown_rules_and_invalid_c2_are_refused():
+    with pytest.raises(ValueError, match="Invalid rules: 'nips'"):
+        Pls([nn.Parameter(torch.zeros(2))], rules="nips")
+    with pytest.raises(ValueError, match="Invalid c2: 1.0"):
+        Pls([nn.Parameter(torch.zeros(2))], c2=1.0)
+
+
+def test_a_state_saved_without_rules_resumes_with_the_research_rules():
+    batches = tabular_batches(8, seed=3)
+    model = tanh_network()
+    research = Pls(model.parameters(), 0.05, rules="research")
+    run_steps(research, model, batches[:3])
+    state = research.state_dict()
+    for group in state["param_groups"]:
+        del group["rules"]
+    del state["pls"]["extrapolation"]
+    resumed = Pls(model.parameters(), 0.05)
+    resumed.load_state_dict(state)
+    assert resumed.param_groups[0]["rules"] == "research"
+    run_steps(resumed, model, batches[3:])
 
 
 # --------------------------------------------------------------------------- per-sample statistics
@@ -310,7 +476,7 @@ def test_resuming_from_state_dict_continues_bitwise(split, momentum):
 def test_rejected_trial_points_leave_no_trace_in_the_buffers():
     batches = tabular_batches(12, seed=4)
     model = tanh_network(batch_norm=True)
-    optimizer = Pls(model.parameters(), 1e-3, buffers=model.buffers())  # tiny α₀: the first line explores
+    optimizer = Pls(model.parameters(), 1e-3, rules="research", buffers=model.buffers())  # the first line explores
     shadow = copy.deepcopy(model)  # sees only the passes whose points became the iterate
     rejected = 0
     for inputs, targets in batches:
@@ -442,7 +608,7 @@ def test_bare_closures_and_mean_losses_are_refused():
 )
 def test_invalid_arguments_name_the_argument_and_value(argument, value):
     with pytest.raises(ValueError, match=f"Invalid {argument}: {value!r}"):
-        Pls([nn.Parameter(torch.zeros(2))], **{argument: value})
+        Pls([nn.Parameter(torch.zeros(2))], rules="research", **{argument: value})
 
 
 # --------------------------------------------------------------------------- the research code
@@ -527,7 +693,7 @@ def test_matches_the_research_code_on_identical_batches(monkeypatch, variance_es
         monkeypatch.setattr(reference, "get_grads", get_grads_of_paper_scale)
     batches = tabular_batches(40, size=batch_size, seed=6)
     ours_model, reference_model = tanh_network(), tanh_network()
-    ours = Pls(ours_model.parameters(), 0.01, variance_estimator=variance_estimator)
+    ours = Pls(ours_model.parameters(), 0.01, rules="research", variance_estimator=variance_estimator)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # it prints every hooked layer
         warnings.simplefilter("ignore")  # torch deprecates the non-full backward hooks it uses
         research = reference.PLS(reference_model, alpha0=0.01, cW=0.2, c1=0.005)
@@ -577,7 +743,7 @@ def test_the_research_code_variances_are_about_n_times_the_papers():
     batch_size = 16
     inputs, targets = tabular_batches(1, size=batch_size, seed=6)[0]
     ours_model, reference_model = tanh_network(), tanh_network()
-    ours = Pls(ours_model.parameters(), 0.01)
+    ours = Pls(ours_model.parameters(), 0.01, rules="research")
     run_steps(ours, ours_model, [(inputs, targets)])
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")

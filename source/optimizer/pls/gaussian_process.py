@@ -143,6 +143,38 @@ class LineGaussianProcess:
             (df_lo - b_mean) / b_deviation, (df_hi - b_mean) / b_deviation,
         )
 
+    def strong_wolfe_probability(self, t: float, c1: float, c2: float) -> float:
+        """The Wolfe probability of the original algorithm (Mahsereci and Hennig's probLineSearch.m).
+
+        a = f(0) - f(t) + c1 t f'(0) ≥ 0 as in :meth:`wolfe_probability`; the curvature quantity is
+        b = f'(t) - c2 f'(0), jointly Gaussian with a, and must lie in [0, 2 c2 (|m'(0)| + 2 σ'(0))]
+        with m'(0) and σ'(0)² the posterior mean and variance of f'(0): the weak condition
+        f'(t) ≥ c2 f'(0) and a strong one whose bound widens with the noise at the start.
+        Below a variance of 1e-9 the conditions are checked on the posterior mean.
+        """
+        mean, covariance = self.posterior([(0.0, 0), (0.0, 1), (t, 0), (t, 1)])
+        a_weights = np.array([1.0, c1 * t, -1.0, 0.0])
+        b_weights = np.array([0.0, -c2, 0.0, 1.0])
+        a_mean, b_mean = float(a_weights @ mean), float(b_weights @ mean)
+        a_variance = float(a_weights @ covariance @ a_weights)
+        b_variance = float(b_weights @ covariance @ b_weights)
+        b_high = 2.0 * c2 * (abs(float(mean[1])) + 2.0 * math.sqrt(max(float(covariance[1, 1]), 0.0)))
+        if not all(map(math.isfinite, (a_mean, b_mean, a_variance, b_variance, b_high))):
+            return math.nan
+        if a_variance < DETERMINISTIC_VARIANCE or b_variance < DETERMINISTIC_VARIANCE:
+            return 1.0 if a_mean >= 0.0 and 0.0 <= b_mean <= b_high else 0.0
+        ab_covariance = float(a_weights @ covariance @ b_weights)
+        a_deviation, b_deviation = math.sqrt(a_variance), math.sqrt(b_variance)
+        return bivariate_normal_rectangle(
+            ab_covariance / (a_deviation * b_deviation),
+            -a_mean / a_deviation, math.inf,
+            -b_mean / b_deviation, (b_high - b_mean) / b_deviation,
+        )
+
+    def variance(self, t: float, order: int = 0) -> float:
+        """The posterior variance of f (order 0) or f' (order 1) at ``t``."""
+        return float(self.posterior([(t, order)])[1][0, 0])
+
 
 def _rising_root(a: float, b: float, c: float) -> float | None:
     """The root of a s² + b s + c where the derivative 2 a s + b is positive, if there is one."""

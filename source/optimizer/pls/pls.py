@@ -5,6 +5,7 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
+from scipy.special import ndtr
 
 from ..lab_pal import BatchClosure
 from ..line_search import (
@@ -20,7 +21,7 @@ from ..line_search import SAMPLE_LOSSES
 from .gaussian_process import LineGaussianProcess
 from .sample_statistics import BATCH_MEAN, VARIANCE_ESTIMATORS, evaluate_batch
 
-__all__ = ["Pls"]
+__all__ = ["Pls", "expected_improvement", "next_base_learning_rate"]
 
 STARTING = "starting"
 SEARCHING = "searching"
@@ -31,10 +32,21 @@ FIRST_TRIAL = 1.0
 ABORT_TRIAL = 0.01
 """An aborted search takes this small step (t = 0.01, i.e. 0.01 α₀) and accepts it."""
 
+ABORT_STEP_FRACTION = 0.01
+"""Original rules: a line that rises from its start is left with a step of 0.01 times its first point."""
+
 ALPHA_STATISTICS_KEEP, ALPHA_STATISTICS_NEW = 0.95, 0.05
-"""alpha_stats ← 0.95 alpha_stats + 0.05 α after every accepted α."""
+"""alpha_stats ← 0.95 alpha_stats + 0.05 α, the running statistics of the learning rates taken."""
 
 EXPLORATION_POLICIES = ("linear", "exponential")
+
+ORIGINAL, RESEARCH = "original", "research"
+RULE_SETS = {
+    ORIGINAL: dict(c2=0.8, max_steps=6, max_change_factor=100.0, fpush=1.3),
+    RESEARCH: dict(target_df=0.5, df_lo=-0.1, df_hi=1.1, max_steps=20, max_expl=20, max_dmu0=0.0,
+                   max_change_factor=10.0, expl_policy="linear", fpush=1.0),
+}
+"""The options of each rule set with their defaults; an option of the other set is refused."""
 
 
 class Pls(LineSearchBase):
@@ -57,6 +69,39 @@ class Pls(LineSearchBase):
        (section 3.4: f ← (f - f(0)) / (α₀ |f'(0)|), f' ← f' / |f'(0)|).
     2. **Model**: a Gaussian process with the integrated Wiener process kernel (cubic spline
        posterior mean) is conditioned on all (t, f, f') observations of the line with their noise.
+    Steps 3 to 5 follow one of two rule sets, chosen by ``rules``. ``rules="original"`` (the
+    default) are the rules of the authors' original algorithm (probLineSearch.m, post-NIPS 2015
+    release, and JMLR 2017), which trains at any batch size; ``rules="research"`` are those of the
+    research code of the LABPAL paper (the PyTorch port by A. Mishkin, and Balles' TensorFlow port),
+    kept to reproduce its figures: it explores linearly, and once every search aborts it stays at
+    α₀ = alpha_stats, which at the LABPAL paper's batch size of 128 never changes.
+
+    Original rules (options ``c2``, ``max_steps`` 6, ``fpush`` 1.3, ``max_change_factor`` 100):
+
+    3. **Accept** the point just evaluated when its Wolfe probability (the bivariate normal
+       probability that f(0) - f(t) + ``c1`` t f'(0) ≥ 0 and 0 ≤ f'(t) - ``c2`` f'(0) ≤
+       2 ``c2`` (|m'(0)| + 2 σ'(0)), m'(0) and σ'(0)² the posterior mean and variance of f'(0)) is
+       at least ``c_w``; else **re-test** the earlier points of the line under the new posterior
+       and take, of those that now pass, the one of lowest posterior mean.
+    4. **Stop** after ``max_steps`` evaluations plus one: if that last point fails too, move to the
+       evaluated point (t > 0) of lowest posterior mean. A line whose posterior slope at 0 is
+       positive with no minimum of the posterior mean before its first point takes the step
+       0.01 t₁ (t₁ the first point) unconditionally. Non-finite values abort as below (t = 0.01).
+    5. **Next point**: the candidates are the minima of the posterior mean between observations and
+       one extrapolation, the largest t so far plus e (e = 1 at first, doubled whenever the
+       extrapolation is chosen, so it reaches t = 32 within 6 evaluations); the candidate with the
+       largest expected improvement times Wolfe probability is evaluated next.
+
+    After every search of the original rules, whatever its end, with α = t α₀ the step taken:
+    alpha_stats ← 0.95 alpha_stats + 0.05 α and α₀ ← ``fpush`` · α, unless α is outside a factor
+    ``max_change_factor`` of alpha_stats, then α₀ ← alpha_stats. A step to an earlier point (re-test
+    or lowest mean) leaves no evaluation at the new iterate, so the next step begins the next line
+    there with a new batch (step 1); the original reuses the earlier evaluation, which would need a
+    copy of the gradient per evaluated point.
+
+    Research rules (options ``target_df``, ``df_lo``, ``df_hi``, ``max_steps`` 20, ``max_expl``,
+    ``max_dmu0``, ``max_change_factor`` 10, ``expl_policy``, ``fpush`` 1.0):
+
     3. **Accept**: the point just evaluated is accepted when its Wolfe probability, the bivariate
        normal probability that f(0) - f(t) + ``c1`` t f'(0) ≥ 0 and ``df_lo`` ≤ f'(t) ≤ ``df_hi``,
        is at least ``c_w``. Then α = t α₀ is the learning rate taken; α₀ ← ``fpush`` · α and
@@ -77,9 +122,13 @@ class Pls(LineSearchBase):
     conditions are checked on the posterior mean, with the same bounds as the probabilistic test;
     the research code checks f'(t) ≥ 0 there instead of df_lo ≤ f'(t) ≤ df_hi.
 
-    Symbols: α₀ = ``initial_learning_rate``, c_W = ``c_w``, c₁ = ``c1``. Defaults: α₀, c_W, c₁
-    and momentum from the LABPAL paper's legend (α 1e-4, c_W 0.2, c1 0.005, β 0), the others
-    from the authors' implementation (its PyTorch port by A. Mishkin).
+    Options of one rule set are refused with the other (``ValueError`` naming the option): each
+    set is coherent as it stands, and an option without effect would only mislead. Both take
+    ``c_w``, ``c1``, ``momentum``, ``variance_estimator`` and ``sample_chunk_size``.
+
+    Symbols: α₀ = ``initial_learning_rate``, c_W = ``c_w``, c₁ = ``c1``, c₂ = ``c2``. Defaults:
+    α₀, c_W, c₁ and momentum from the LABPAL paper's legend (α 1e-4, c_W 0.2, c1 0.005, β 0) for
+    both rule sets, the others from the respective implementation (c₂ 0.8 from probLineSearch.m).
 
     Variances: by default (``variance_estimator="batch_mean"``) the paper's estimators of the
     variance of the batch means, Var f = (mean f_i² - f²) / (n - 1) and per coordinate
@@ -128,55 +177,45 @@ class Pls(LineSearchBase):
         params: Iterable[torch.Tensor] | Iterable[dict],
         initial_learning_rate: float = 1e-4,
         *,
+        rules: str = ORIGINAL,
         c_w: float = 0.2,
         c1: float = 0.005,
         momentum: float = 0.0,
-        target_df: float = 0.5,
-        df_lo: float = -0.1,
-        df_hi: float = 1.1,
-        max_steps: int = 20,
-        max_expl: int = 20,
-        max_dmu0: float = 0.0,
-        max_change_factor: float = 10.0,
-        expl_policy: str = "linear",
-        fpush: float = 1.0,
+        c2: float | None = None,
+        target_df: float | None = None,
+        df_lo: float | None = None,
+        df_hi: float | None = None,
+        max_steps: int | None = None,
+        max_expl: int | None = None,
+        max_dmu0: float | None = None,
+        max_change_factor: float | None = None,
+        expl_policy: str | None = None,
+        fpush: float | None = None,
         sample_chunk_size: int | None = None,
         variance_estimator: str = BATCH_MEAN,
         buffers: Iterable[torch.Tensor] | None = None,
     ):
+        require(rules in RULE_SETS, "rules", rules, f"one of {tuple(RULE_SETS)}")
+        rule_options = _rule_options(rules, c2=c2, target_df=target_df, df_lo=df_lo, df_hi=df_hi,
+                                     max_steps=max_steps, max_expl=max_expl, max_dmu0=max_dmu0,
+                                     max_change_factor=max_change_factor, expl_policy=expl_policy, fpush=fpush)
         require(is_finite_number(initial_learning_rate) and initial_learning_rate > 0, "initial_learning_rate",
                 initial_learning_rate, "a finite number > 0")
         require(is_finite_number(c_w) and 0 < c_w < 1, "c_w", c_w, "in (0, 1)")
         require(is_finite_number(c1) and 0 <= c1 < 1, "c1", c1, "in [0, 1)")
         require(is_finite_number(momentum) and 0 <= momentum < 1, "momentum", momentum, "in [0, 1)")
-        require(is_finite_number(df_lo), "df_lo", df_lo, "a finite number")
-        require(is_finite_number(df_hi) and df_hi > df_lo, "df_hi", df_hi, "a finite number > df_lo")
-        require(is_finite_number(target_df), "target_df", target_df, "a finite number")
-        require_integer(max_steps, "max_steps", 1)
-        require_integer(max_expl, "max_expl", 1)
-        require(is_finite_number(max_dmu0), "max_dmu0", max_dmu0, "a finite number")
-        require(is_finite_number(max_change_factor) and max_change_factor > 1, "max_change_factor",
-                max_change_factor, "> 1")
-        require(expl_policy in EXPLORATION_POLICIES, "expl_policy", expl_policy, f"one of {EXPLORATION_POLICIES}")
-        require(is_finite_number(fpush) and fpush > 0, "fpush", fpush, "a finite number > 0")
+        _check_rule_options(rule_options)
         if sample_chunk_size is not None:
             require_integer(sample_chunk_size, "sample_chunk_size", 1)
         require(variance_estimator in VARIANCE_ESTIMATORS, "variance_estimator", variance_estimator,
                 f"one of {VARIANCE_ESTIMATORS}")
         defaults = dict(
+            rules=rules,
             initial_learning_rate=float(initial_learning_rate),
             c_w=float(c_w),
             c1=float(c1),
             momentum=float(momentum),
-            target_df=float(target_df),
-            df_lo=float(df_lo),
-            df_hi=float(df_hi),
-            max_steps=max_steps,
-            max_expl=max_expl,
-            max_dmu0=float(max_dmu0),
-            max_change_factor=float(max_change_factor),
-            expl_policy=expl_policy,
-            fpush=float(fpush),
+            **rule_options,
             sample_chunk_size=sample_chunk_size,
             variance_estimator=variance_estimator,
         )
@@ -216,6 +255,10 @@ class Pls(LineSearchBase):
         state_dict = dict(state_dict)
         search = dict(state_dict.pop("pls"))
         super().load_state_dict(state_dict)
+        # A state without ``rules`` was saved when the research rules were the only ones.
+        for group in self.param_groups:
+            group.setdefault("rules", RESEARCH)
+        search.setdefault("extrapolation", 1.0)
         search["observations"] = [tuple(observation) for observation in search["observations"]]
         self._search = search
         self._process = None
@@ -274,6 +317,9 @@ class Pls(LineSearchBase):
         if not process.is_finite():
             self._restore_buffers(saved_buffers)
             self._abort("the Gaussian process posterior is not finite")
+            return evaluation.loss
+        if group["rules"] == ORIGINAL:
+            self._continue_original(evaluation, line, process, saved_buffers)
             return evaluation.loss
         wolfe_probability = process.wolfe_probability(position, group["c1"], group["df_lo"], group["df_hi"])
         if wolfe_probability >= group["c_w"]:
@@ -343,6 +389,7 @@ class Pls(LineSearchBase):
             next_position=FIRST_TRIAL,
             line_evaluations=0,
             explorations=0,
+            extrapolation=1.0,
             aborting=False,
             observations=[],
         )
@@ -376,18 +423,72 @@ class Pls(LineSearchBase):
             search["explorations"] += 1
         return float(candidates[best])
 
-    def _accept(self, evaluation, line, *, aborted: bool) -> None:
-        """Take the evaluated point: adapt α₀, report, and start the next line from its evaluation."""
+    def _continue_original(self, evaluation, line, process: LineGaussianProcess, saved_buffers) -> None:
+        """The original algorithm's decision after an evaluation that did not fail.
+
+        Accept the point just evaluated if acceptable; after the last evaluation move to the evaluated
+        point of lowest posterior mean; else re-test the earlier points under the updated posterior;
+        else choose the next point among the cell minima of the posterior mean and one extrapolation.
+        """
         group = self.param_groups[0]
         search = self._search
-        alpha0 = search["alpha0"]
-        learning_rate = search["position"] * alpha0
-        factor = group["max_change_factor"]
-        if not aborted and alpha0 / factor < learning_rate < alpha0 * factor:
-            search["alpha_stats"] = ALPHA_STATISTICS_KEEP * search["alpha_stats"] + ALPHA_STATISTICS_NEW * learning_rate
-            search["alpha0"] = group["fpush"] * learning_rate
-        else:
-            search["alpha0"] = search["alpha_stats"]
+        c_w, c1, c2 = group["c_w"], group["c1"], group["c2"]
+        position = search["position"]
+        if process.strong_wolfe_probability(position, c1, c2) >= c_w:
+            self._accept(evaluation, line, aborted=False)
+            return
+        self._restore_buffers(saved_buffers)
+        evaluated = [observation[0] for observation in search["observations"][1:]]
+        if search["line_evaluations"] > group["max_steps"]:
+            lowest = min(evaluated, key=process.mean)
+            self._report_failure(f"line search aborted: no acceptable point after {search['line_evaluations']} "
+                                 f"evaluations; moving to the evaluated point of lowest posterior mean, t = {lowest:.3g}")
+            self._take_earlier_point(lowest, aborted=True)
+            return
+        acceptable = [t for t in evaluated if process.strong_wolfe_probability(t, c1, c2) >= c_w]
+        if acceptable:
+            self._take_earlier_point(min(acceptable, key=process.mean), aborted=False)
+            return
+        minima = process.points_with_mean_derivative(0.0)
+        first_evaluated = min(evaluated)
+        if process.mean(0.0, 1) > 0.0 and not any(0.0 < t < first_evaluated for t in minima):
+            # The line rises from its start with no minimum before the first point: α₀ is far too large.
+            search["aborting"] = True
+            search["next_position"] = ABORT_STEP_FRACTION * first_evaluated
+            self._report_failure(f"line search aborted: the line rises from its start; taking t = "
+                                 f"{search['next_position']:.3g}")
+            return
+        extrapolation = max(evaluated) + search["extrapolation"]
+        candidates = [*minima, extrapolation]
+        best_mean = min(process.mean(t) for t in (0.0, *evaluated))
+        scores = [
+            expected_improvement(process.mean(t), math.sqrt(max(process.variance(t), 0.0)), best_mean)
+            * process.strong_wolfe_probability(t, c1, c2)
+            for t in candidates
+        ]
+        best = int(np.argmax([-1.0 if math.isnan(score) else score for score in scores]))
+        if best == len(candidates) - 1:
+            search["extrapolation"] *= 2.0
+        search["next_position"] = float(candidates[best])
+
+    def _take_earlier_point(self, position: float, *, aborted: bool) -> None:
+        """Move to an evaluated point of the line and end the search there; the next step evaluates it anew."""
+        self._move_to(position)
+        self._finish_search(aborted=aborted)
+        self._search["phase"] = STARTING
+
+    def _accept(self, evaluation, line, *, aborted: bool) -> None:
+        """Take the evaluated point: adapt α₀, report, and start the next line from its evaluation."""
+        self._finish_search(aborted=aborted)
+        failure = self._begin_line(evaluation, line)
+        if failure is not None:
+            self._report_failure(f"{failure} at the accepted point; starting a line there with the next batch")
+
+    def _finish_search(self, *, aborted: bool) -> None:
+        """End the search at the current position: adapt α₀, update the counters, report an acceptance."""
+        search = self._search
+        learning_rate = search["position"] * search["alpha0"]
+        self._adapt_alpha0(learning_rate, aborted=aborted)
         step_size = learning_rate * search["direction_norm"]
         search["learning_rate"] = learning_rate
         search["step_size"] = step_size
@@ -397,9 +498,27 @@ class Pls(LineSearchBase):
         else:
             search["accepted_searches"] += 1
             self._report_measurement(learning_rate, step_size)
-        failure = self._begin_line(evaluation, line)
-        if failure is not None:
-            self._report_failure(f"{failure} at the accepted point; starting a line there with the next batch")
+
+    def _adapt_alpha0(self, learning_rate: float, *, aborted: bool) -> None:
+        """Choose the next line's α₀ after taking ``learning_rate``.
+
+        Research rules: α₀ ← fpush α and alpha_stats updated when the search accepted and α is within
+        a factor max_change_factor of α₀; else α₀ ← alpha_stats. Original rules, after every search:
+        alpha_stats updated, α₀ ← fpush α, unless α is outside a factor max_change_factor of
+        alpha_stats, which then becomes α₀.
+        """
+        group = self.param_groups[0]
+        search = self._search
+        alpha0 = search["alpha0"]
+        factor = group["max_change_factor"]
+        if group["rules"] == ORIGINAL:
+            search["alpha0"], search["alpha_stats"] = next_base_learning_rate(
+                learning_rate, search["alpha_stats"], group["fpush"], factor)
+        elif not aborted and alpha0 / factor < learning_rate < alpha0 * factor:
+            search["alpha_stats"] = ALPHA_STATISTICS_KEEP * search["alpha_stats"] + ALPHA_STATISTICS_NEW * learning_rate
+            search["alpha0"] = group["fpush"] * learning_rate
+        else:
+            search["alpha0"] = search["alpha_stats"]
 
     def _abort(self, reason: str) -> None:
         """End the search with the small step t = 0.01, taken by the next step."""
@@ -424,6 +543,42 @@ class Pls(LineSearchBase):
         return self._process
 
 
+def _rule_options(rules: str, **given) -> dict:
+    """The options of the rule set ``rules``: those given, the set's defaults for the others.
+
+    An option given for the other rule set only is refused: it would have no effect.
+    """
+    for name, value in given.items():
+        if value is not None and name not in RULE_SETS[rules]:
+            other = RESEARCH if rules == ORIGINAL else ORIGINAL
+            raise ValueError(f"Invalid {name}: {value!r} with rules={rules!r}; {name} belongs to rules={other!r} "
+                             f"only (leave it out, or set rules={other!r})")
+    return {name: given[name] if given[name] is not None else default
+            for name, default in RULE_SETS[rules].items()}
+
+
+def _check_rule_options(options: dict) -> None:
+    """Check the values of the rule set's options (see :data:`RULE_SETS`)."""
+    checks = {
+        "c2": lambda v: (is_finite_number(v) and 0 < v < 1, "in (0, 1)"),
+        "target_df": lambda v: (is_finite_number(v), "a finite number"),
+        "df_lo": lambda v: (is_finite_number(v), "a finite number"),
+        "df_hi": lambda v: (is_finite_number(v) and v > options["df_lo"], "a finite number > df_lo"),
+        "max_dmu0": lambda v: (is_finite_number(v), "a finite number"),
+        "max_change_factor": lambda v: (is_finite_number(v) and v > 1, "> 1"),
+        "expl_policy": lambda v: (v in EXPLORATION_POLICIES, f"one of {EXPLORATION_POLICIES}"),
+        "fpush": lambda v: (is_finite_number(v) and v > 0, "a finite number > 0"),
+    }
+    for name, value in options.items():
+        if name in ("max_steps", "max_expl"):
+            require_integer(value, name, 1)
+        else:
+            valid, expected = checks[name](value)
+            require(valid, name, value, expected)
+        if name in ("c2", "target_df", "df_lo", "df_hi", "max_dmu0", "max_change_factor", "fpush"):
+            options[name] = float(value)
+
+
 def _initial_search(initial_learning_rate: float) -> dict:
     return dict(
         phase=STARTING,
@@ -436,6 +591,7 @@ def _initial_search(initial_learning_rate: float) -> dict:
         next_position=0.0,
         line_evaluations=0,
         explorations=0,
+        extrapolation=1.0,
         aborting=False,
         observations=[],
         learning_rate=None,
@@ -446,6 +602,25 @@ def _initial_search(initial_learning_rate: float) -> dict:
         forward_passes=0,
         backward_passes=0,
     )
+
+
+def next_base_learning_rate(learning_rate: float, statistics: float, growth: float, factor: float):
+    """The original rules' (α₀, alpha_stats) for the next line after a step of ``learning_rate`` α.
+
+    alpha_stats ← 0.95 alpha_stats + 0.05 α; α₀ ← ``growth`` · α, or alpha_stats when α lies outside
+    (alpha_stats / ``factor``, alpha_stats · ``factor``), a safeguard against runaway α₀.
+    """
+    statistics = ALPHA_STATISTICS_KEEP * statistics + ALPHA_STATISTICS_NEW * learning_rate
+    within = statistics / factor < learning_rate < statistics * factor
+    return (growth * learning_rate if within else statistics), statistics
+
+
+def expected_improvement(mean: float, deviation: float, best: float) -> float:
+    """E[max(best - f, 0)] for f ~ N(mean, deviation²) (JMLR 2017, eq. 9 of the NeurIPS paper)."""
+    if deviation <= 0.0:
+        return max(best - mean, 0.0)
+    z = (best - mean) / deviation
+    return (best - mean) * float(ndtr(z)) + deviation * math.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
 
 
 def _projections(evaluation, directions) -> list[torch.Tensor]:
