@@ -17,6 +17,7 @@ import torch
 from scipy.stats import multivariate_normal
 from torch import nn
 
+import main
 from source.optimizer.lab_pal import make_batch_closure
 from source.optimizer.line_search import SAMPLE_LOSSES, LineSearch
 from source.optimizer.pls import (
@@ -27,6 +28,8 @@ from source.optimizer.pls import (
     evaluate_batch,
 )
 from source.optimizer.pls.pls import expected_improvement, next_base_learning_rate
+from source.plotting import read_metrics
+from tests.tiny_run import set_options, workspace  # noqa: F401 (workspace is a fixture)
 
 # --------------------------------------------------------------------------- bivariate normal
 
@@ -770,3 +773,19 @@ def test_the_research_estimator_is_the_research_codes_formula():
     for index, (ours, mean_gradient) in enumerate(zip(evaluation.gradient_variance, evaluation.gradient)):
         squares = sum(gradients[index].square() for gradients in per_sample)
         torch.testing.assert_close(ours, (squares - mean_gradient.square()) / (n - 1), rtol=1e-9, atol=1e-15)
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_with_its_defaults_pls_trains_the_digits_cnn_at_the_papers_batch_size(workspace):
+    """Batch size 128: the research rules abort every search there and stay at chance (0.10)."""
+    overrides = set_options("optimizer.name=pls", "training.batch_size=128", "training.training_steps=60",
+                            "training.evaluate_every_steps=20", "logging.tensorboard=false")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main.main(["--config", "tiny.txt", *overrides]) == 0
+    records = read_metrics(workspace / "runs" / "tiny" / "metrics.jsonl")
+    training = [record for record in records if record["split"] == "training"]
+    assert training[-1]["accepted_searches"] > 2 * training[-1]["aborted_searches"]
+    test_accuracy = next(record["accuracy"] for record in records if record["split"] == "test")
+    assert test_accuracy >= 0.85  # measured 0.905 (600 steps: 0.98)

@@ -73,8 +73,9 @@ class Pls(LineSearchBase):
     default) are the rules of the authors' original algorithm (probLineSearch.m, post-NIPS 2015
     release, and JMLR 2017), which trains at any batch size; ``rules="research"`` are those of the
     research code of the LABPAL paper (the PyTorch port by A. Mishkin, and Balles' TensorFlow port),
-    kept to reproduce its figures: it explores linearly, and once every search aborts it stays at
-    α₀ = alpha_stats, which at the LABPAL paper's batch size of 128 never changes.
+    kept to reproduce its figures. With those, a run whose every search aborts (the LABPAL paper's
+    α₀ = 1e-4 at batch size 128: the slope never flattens within 38 α₀) keeps α₀ = alpha_stats,
+    which only accepted steps change: it never leaves α₀.
 
     Original rules (options ``c2``, ``max_steps`` 6, ``fpush`` 1.3, ``max_change_factor`` 100):
 
@@ -97,7 +98,8 @@ class Pls(LineSearchBase):
     ``max_change_factor`` of alpha_stats, then α₀ ← alpha_stats. A step to an earlier point (re-test
     or lowest mean) leaves no evaluation at the new iterate, so the next step begins the next line
     there with a new batch (step 1); the original reuses the earlier evaluation, which would need a
-    copy of the gradient per evaluated point.
+    copy of the gradient per evaluated point. The original's stop at a point whose posterior slope
+    is almost surely zero (noise-free lines only) is left out.
 
     Research rules (options ``target_df``, ``df_lo``, ``df_hi``, ``max_steps`` 20, ``max_expl``,
     ``max_dmu0``, ``max_change_factor`` 10, ``expl_policy``, ``fpush`` 1.0):
