@@ -64,7 +64,7 @@ CASES = {
     ),
     "pls": Case(
         dict(initial_learning_rate=0.1, momentum=0.5),
-        (("initial_learning_rate", 0.0), ("c_w", 1.0), ("momentum", 1.0)),
+        (("initial_learning_rate", 0.0), ("c_w", 1.0), ("momentum", 1.0), ("rules", "nips"), ("c2", 1.0)),
     ),
     "sls": Case(
         dict(init_step_size=2.0, training_set_size=64, inference_batch_size=16),
