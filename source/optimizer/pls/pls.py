@@ -71,11 +71,12 @@ class Pls(LineSearchBase):
        posterior mean) is conditioned on all (t, f, f') observations of the line with their noise.
     Steps 3 to 5 follow one of two rule sets, chosen by ``rules``. ``rules="original"`` (the
     default) are the rules of the authors' original algorithm (probLineSearch.m, post-NIPS 2015
-    release, and JMLR 2017), which trains at any batch size; ``rules="research"`` are those of the
-    research code of the LABPAL paper (the PyTorch port by A. Mishkin, and Balles' TensorFlow port),
-    kept to reproduce its figures. With those, a run whose every search aborts (the LABPAL paper's
-    α₀ = 1e-4 at batch size 128: the slope never flattens within 38 α₀) keeps α₀ = alpha_stats,
-    which only accepted steps change: it never leaves α₀.
+    release, and JMLR 2017), which also train at the LABPAL paper's batch size of 128;
+    ``rules="research"`` are those of the research code of the LABPAL paper (the PyTorch port by
+    A. Mishkin, and Balles' TensorFlow port), kept to reproduce its figures. With those, a run whose
+    every search aborts (the LABPAL paper's α₀ = 1e-4 at batch size 128: the slope never flattens
+    within 38 α₀) keeps α₀ at alpha_stats, which only accepted steps move, so it never leaves its
+    initial α₀.
 
     Original rules (options ``c2``, ``max_steps`` 6, ``fpush`` 1.3, ``max_change_factor`` 100):
 
