@@ -259,8 +259,9 @@ def test_original_rules_move_to_the_lowest_posterior_mean_among_noisy_evaluation
             assert len(observations) == 1 + 4  # t = 0 and max_steps + 1 evaluations
             process = LineGaussianProcess(observations)
             lowest = min((observation[0] for observation in observations[1:]), key=process.mean)
-            for p, q, d in zip(model.parameters(), before, [optimizer.state[p]["direction"] for p in model.parameters()]):
-                torch.testing.assert_close(p.detach(), q + (lowest - position) * alpha0 * d)
+            for parameter, start in zip(model.parameters(), before):
+                direction = optimizer.state[parameter]["direction"]
+                torch.testing.assert_close(parameter.detach(), start + (lowest - position) * alpha0 * direction)
             checked += 1
     assert checked >= 3
 

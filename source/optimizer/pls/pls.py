@@ -445,7 +445,7 @@ class Pls(LineSearchBase):
         if search["line_evaluations"] > group["max_steps"]:
             lowest = min(evaluated, key=process.mean)
             self._report_failure(f"line search aborted: no acceptable point after {search['line_evaluations']} "
-                                 f"evaluations; moving to the evaluated point of lowest posterior mean, t = {lowest:.3g}")
+                                 f"evaluations; moving to the point of lowest posterior mean, t = {lowest:.3g}")
             self._take_earlier_point(lowest, aborted=True)
             return
         acceptable = [t for t in evaluated if process.strong_wolfe_probability(t, c1, c2) >= c_w]
