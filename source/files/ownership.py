@@ -26,8 +26,8 @@ import errno
 import fcntl
 import os
 import shutil
+import secrets
 import socket
-import tempfile
 import time
 from pathlib import Path
 
@@ -59,14 +59,16 @@ class LocksUnsupported(UserError):
 class FolderLock:
     """The lock on one folder: ``acquire`` it, work in the folder, ``release`` it (or use ``with``).
 
-    ``what`` names the folder in messages ("run folder", "comparison folder"). The lock belongs to
+    ``what`` names the folder in messages ("run folder", "comparison folder"), and ``shown`` its
+    path there when that is not ``folder`` (a folder being built under a hidden name). The lock belongs to
     the open file, so it is held across threads of this process and by forked children until
     they exit too; it is never inherited by a program this process executes.
     """
 
-    def __init__(self, folder, what="run folder"):
+    def __init__(self, folder, what="run folder", shown=None):
         self.folder = Path(folder)
         self.what = what
+        self.shown = Path(shown or folder)
         self._descriptor = None
 
     @property
@@ -91,7 +93,7 @@ class FolderLock:
                     holder = read_holder(self.folder) or "another process"
                     waited = f" (waited {wait_seconds:g} s)" if wait_seconds > 0 else ""
                     raise FolderInUse(
-                        f"{self.folder} is in use by {holder}{waited}; a {self.what} belongs to one process "
+                        f"{self.shown} is in use by {holder}{waited}; a {self.what} belongs to one process "
                         "at a time: wait for that one to end, or stop it",
                         holder,
                     )
@@ -111,7 +113,7 @@ class FolderLock:
 
     def moved_to(self, folder):
         """Record that the held folder was renamed to ``folder`` (the lock goes with it)."""
-        self.folder = Path(folder)
+        self.folder = self.shown = Path(folder)
 
     def __enter__(self):
         return self.acquire()
@@ -126,7 +128,7 @@ class FolderLock:
         except OSError as error:
             if error.errno == errno.ELOOP:
                 raise UserError(f"{path} is a symbolic link; remove it (the {self.what} owns this file)") from None
-            raise UserError(f"cannot lock the {self.what} {self.folder}: {path}: {error.strerror or error}") from None
+            raise UserError(f"cannot lock the {self.what} {self.shown}: {path}: {error.strerror or error}") from None
 
     def _try_lock(self, descriptor):
         """Whether the lock was taken; False while another process holds it."""
@@ -137,11 +139,11 @@ class FolderLock:
                 return False
             if error.errno in _UNSUPPORTED:
                 raise LocksUnsupported(
-                    f"cannot lock the {self.what} {self.folder}: its file system does not support file locks "
+                    f"cannot lock the {self.what} {self.shown}: its file system does not support file locks "
                     f"({error.strerror}), which keep a second process out of it; put it on a file system that "
                     "does (a local disk, or NFS or Lustre mounted with locking)"
                 ) from None
-            raise UserError(f"cannot lock the {self.what} {self.folder}: {error.strerror or error}") from None
+            raise UserError(f"cannot lock the {self.what} {self.shown}: {error.strerror or error}") from None
         return True
 
 
@@ -186,10 +188,12 @@ def create_owned_folder(path, fill, *, what="run folder"):
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_abandoned_starts(path.parent)
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name[:100]}.", suffix=_STARTING_SUFFIX, dir=path.parent))
+        # os.mkdir, unlike mkdtemp, gives the folder the permissions the umask asks for.
+        staging = path.parent / f".{path.name[:100]}.{secrets.token_hex(6)}{_STARTING_SUFFIX}"
+        staging.mkdir()
     except OSError as error:
         raise UserError(f"cannot create the {what} {path}: {error.strerror or error}") from None
-    lock = FolderLock(staging, what)
+    lock = FolderLock(staging, what, shown=path)
     try:
         lock.acquire()
         fill(staging)

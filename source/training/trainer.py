@@ -82,7 +82,7 @@ class RunOutcome:
 
 class Aborted(KeyboardInterrupt):
     """A SIGINT or SIGTERM that stops at once, without saving: a second one in the training loop, or
-    one anywhere else (the test, the figures); exit status 128 + the signal number."""
+    one anywhere else (start-up, the test, the figures); exit status 128 + the signal number."""
 
     def __init__(self, signal_number):
         super().__init__(f"aborted by signal {signal_number}")
