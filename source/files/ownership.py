@@ -187,7 +187,7 @@ def create_owned_folder(path, fill, *, what="run folder"):
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        remove_abandoned_starts(path.parent)
+        _remove_abandoned_starts(path.parent)
         # os.mkdir, unlike mkdtemp, gives the folder the permissions the umask asks for.
         staging = path.parent / f".{path.name[:100]}.{secrets.token_hex(6)}{_STARTING_SUFFIX}"
         staging.mkdir()
@@ -213,7 +213,7 @@ def create_owned_folder(path, fill, *, what="run folder"):
     return lock
 
 
-def remove_abandoned_starts(parent):
+def _remove_abandoned_starts(parent):
     """Delete the hidden folders that killed starts left in ``parent`` (those whose lock nobody holds)."""
     for candidate in Path(parent).glob(f".*{_STARTING_SUFFIX}"):
         if candidate.is_symlink() or not candidate.is_dir() or not (candidate / LOCK_FILE).exists():
