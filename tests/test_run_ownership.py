@@ -44,7 +44,10 @@ def _one_line(error):
 
 def _hold_in_another_process(folder, seconds=60):
     """A process that holds ``folder``'s lock for ``seconds``; returned once it holds it."""
-    code = f"from source.files import hold_folder; import time; hold_folder({str(folder)!r}); print('held', flush=True); time.sleep({seconds})"
+    code = (
+        f"from source.files import hold_folder; import time; hold_folder({str(folder)!r}); "
+        f"print('held', flush=True); time.sleep({seconds})"
+    )
     process = subprocess.Popen([sys.executable, "-c", code], env=ENVIRONMENT, stdout=subprocess.PIPE, text=True)
     assert process.stdout.readline() == "held\n"
     return process

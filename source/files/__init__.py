@@ -19,6 +19,7 @@ from source.files.ownership import (
     LocksUnsupported,
     create_owned_folder,
     hold_folder,
+    read_holder,
 )
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "create_owned_folder",
     "hold_folder",
     "open_for_append",
+    "read_holder",
     "remove_partial_files",
     "replace_atomically",
     "write_text_atomically",

@@ -33,7 +33,15 @@ from pathlib import Path
 
 from source.errors import UserError
 
-__all__ = ["LOCK_FILE", "FolderInUse", "FolderLock", "LocksUnsupported", "create_owned_folder", "hold_folder"]
+__all__ = [
+    "LOCK_FILE",
+    "FolderInUse",
+    "FolderLock",
+    "LocksUnsupported",
+    "create_owned_folder",
+    "hold_folder",
+    "read_holder",
+]
 
 LOCK_FILE = "owner.lock"
 """The file in an owned folder whose lock is the ownership, and which names the owner."""

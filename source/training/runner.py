@@ -5,8 +5,9 @@ readable, complete, and hold this model's weights (dense, of its dtypes, all fin
 optimizer's state and counters of the right types and ranges (checkpoint_contents.py). A damaged
 last.pt gives way to last.previous.pt, the checkpoint it replaced, with a message. The best
 checkpoint last.pt names must be there too: best.pt, best.previous.pt (when a kill or damage left
-best.pt newer than last.pt), or, when the best is last.pt's own step, rebuilt from last.pt. The configuration last.pt was saved with must
-match the one the run resumes with, apart from what a resume may change.
+best.pt newer than last.pt), or, when the best is last.pt's own step, rebuilt from last.pt. The
+configuration last.pt was saved with must match the one the run resumes with, apart from what a
+resume may change (an edited configuration.txt is refused, its edits listed).
 
 Rank 0 owns the run folder for the whole run (``RunFolder.hold``): a second process that starts
 or resumes the same run stops with one line naming the owner.
