@@ -22,6 +22,7 @@ from source.files import (
     LOCK_FILE,
     FolderInUse,
     LocksUnsupported,
+    create_owned_folder,
     hold_folder,
     open_for_append,
     write_text_atomically,
@@ -305,3 +306,29 @@ def test_a_comparison_killed_while_its_folder_is_built_starts_again(workspace, m
     configuration = load_configuration("compare.txt", ["training.training_steps=3", "training.evaluate_every_steps=3"])
     assert run_comparison(configuration).finished
     assert os.listdir(workspace / "runs") == ["cmp"]
+
+
+def _fill(folder):
+    (folder / "configuration.txt").write_text("complete\n")
+
+
+def test_a_folder_appears_complete_once_and_only_abandoned_starts_are_removed(tmp_path):
+    lock = create_owned_folder(tmp_path / "run", _fill)
+    assert (tmp_path / "run" / "configuration.txt").read_text() == "complete\n"
+    with pytest.raises(FolderInUse):
+        hold_folder(tmp_path / "run")
+    with pytest.raises(UserError, match="run already exists"):
+        create_owned_folder(tmp_path / "run", _fill)
+    lock.release()
+    # A start in progress elsewhere (its hidden folder locked) is left alone; an abandoned one is removed.
+    busy, abandoned = tmp_path / ".busy.1.starting", tmp_path / ".gone.2.starting"
+    for folder in (busy, abandoned):
+        folder.mkdir()
+        (folder / LOCK_FILE).touch()
+    holder = _hold_in_another_process(busy)
+    try:
+        create_owned_folder(tmp_path / "other", _fill).release()
+        assert sorted(path.name for path in tmp_path.iterdir()) == [".busy.1.starting", "other", "run"]
+    finally:
+        holder.kill()
+        holder.wait()
