@@ -4,11 +4,13 @@ an edited configuration.txt and a moved project."""
 
 import errno
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -80,6 +82,23 @@ def test_a_held_folder_names_its_holder_is_waited_for_and_is_freed_by_kill_9(tmp
         lock.release()
     finally:
         short.kill()
+
+
+def test_a_waiter_does_not_take_over_a_folder_its_owner_removed(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    owner = hold_folder(folder)
+
+    def remove_and_let_go():
+        time.sleep(0.3)
+        shutil.rmtree(folder)
+        owner.release()
+
+    remover = threading.Thread(target=remove_and_let_go)
+    remover.start()
+    with pytest.raises(UserError, match="run folder .*/run: it does not exist"):
+        hold_folder(folder, wait_seconds=30)
+    remover.join()
 
 
 def test_a_file_system_without_locks_is_refused_in_one_line(workspace, monkeypatch, capsys):

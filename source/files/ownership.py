@@ -68,9 +68,9 @@ class FolderLock:
     """The lock on one folder: ``acquire`` it, work in the folder, ``release`` it (or use ``with``).
 
     ``what`` names the folder in messages ("run folder", "comparison folder"), and ``shown`` its
-    path there when that is not ``folder`` (a folder being built under a hidden name). The lock belongs to
-    the open file, so it is held across threads of this process and by forked children until
-    they exit too; it is never inherited by a program this process executes.
+    path there when that is not ``folder`` (a folder being built under a hidden name). The lock
+    belongs to the open file, so it is held across threads of this process and by forked children
+    (data loader workers) until they exit too; a program this process executes never inherits it.
     """
 
     def __init__(self, folder, what="run folder", shown=None):
@@ -92,26 +92,44 @@ class FolderLock:
         """
         if self.held:
             return self
-        descriptor = self._open()
         deadline = time.monotonic() + wait_seconds
-        try:
-            while not self._try_lock(descriptor):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    holder = read_holder(self.folder) or "another process"
-                    waited = f" (waited {wait_seconds:g} s)" if wait_seconds > 0 else ""
-                    raise FolderInUse(
-                        f"{self.shown} is in use by {holder}{waited}; a {self.what} belongs to one process "
-                        "at a time: wait for that one to end, or stop it",
-                        holder,
-                    )
-                time.sleep(min(_POLL_SECONDS, left))
-        except BaseException:
+        while True:
+            descriptor = self._open()
+            try:
+                self._wait_for_lock(descriptor, deadline, wait_seconds)
+            except BaseException:
+                os.close(descriptor)
+                raise
+            if self._still_in_place(descriptor):
+                break
+            # The owner we waited for removed the folder (a run that failed before its first
+            # step) or its lock file: the lock taken is on a file no longer there; look again.
             os.close(descriptor)
-            raise
         _write_holder(descriptor)
         self._descriptor = descriptor
         return self
+
+    def _wait_for_lock(self, descriptor, deadline, wait_seconds):
+        while not self._try_lock(descriptor):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                holder = read_holder(self.folder) or "another process"
+                waited = f" (waited {wait_seconds:g} s)" if wait_seconds > 0 else ""
+                raise FolderInUse(
+                    f"{self.shown} is in use by {holder}{waited}; a {self.what} belongs to one process "
+                    "at a time: wait for that one to end, or stop it",
+                    holder,
+                )
+            time.sleep(min(_POLL_SECONDS, left))
+
+    def _still_in_place(self, descriptor):
+        """Whether the locked file is still the folder's lock file."""
+        try:
+            current = os.stat(self.folder / LOCK_FILE, follow_symlinks=False)
+        except OSError:
+            return False
+        locked = os.fstat(descriptor)
+        return (current.st_dev, current.st_ino) == (locked.st_dev, locked.st_ino)
 
     def release(self):
         """Let go of the lock (closing the file releases it); nothing when not held."""
@@ -136,6 +154,8 @@ class FolderLock:
         except OSError as error:
             if error.errno == errno.ELOOP:
                 raise UserError(f"{path} is a symbolic link; remove it (the {self.what} owns this file)") from None
+            if error.errno == errno.ENOENT and not self.folder.is_dir():
+                raise UserError(f"cannot lock the {self.what} {self.shown}: it does not exist (any more)") from None
             raise UserError(f"cannot lock the {self.what} {self.shown}: {path}: {error.strerror or error}") from None
 
     def _try_lock(self, descriptor):
