@@ -24,7 +24,9 @@ one line naming a file the system would not let it write (full disk, file-size l
 permissions; the last checkpoint is kept, continue with --resume) or a figure that could not be
 drawn (the finished run's results are kept); 130 and 143 when SIGINT (Ctrl-C) or SIGTERM stopped
 it, after saving its checkpoint in training (a second signal, or one during the test or the
-figures, stops at once, same status).
+figures, stops at once, same status; one before training began leaves nothing that blocks a new
+start). A second process that starts or resumes a run or comparison another one is working on
+gets one line naming that process, and status 2.
 """
 
 import argparse
@@ -168,6 +170,24 @@ def _exit_status(stopped_by_signal, diverged, figures_failed=False):
     return WriteFailed.EXIT_STATUS if figures_failed else 0
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the process at once; ``left`` says what remains to continue from."""
+
+    def __init__(self, signal_number, left):
+        super().__init__(f"interrupted by signal {signal_number}")
+        self.signal_number = signal_number
+        self.left = left
+
+
+def _what_is_left(folder):
+    """What a run or comparison folder keeps after an abort, and how to go on."""
+    if any(folder.glob("last.pt")) or any(folder.glob("*/*/last.pt")):
+        return "the last checkpoint is kept, continue with --resume"
+    if (folder / "configuration.txt").is_file():
+        return f"{folder} has no checkpoint yet; --resume starts it from step 0"
+    return "nothing was saved; start it again"
+
+
 def run(arguments):
     """Load every configuration (a grid file: each file it names), then train each in turn; return the
     highest exit status, stopping early when a signal stopped one."""
@@ -183,6 +203,14 @@ def run(arguments):
 
 def run_configuration(arguments, configuration):
     """Join the other processes (torchrun), train, plot, report; return the exit status."""
+    folder = Path(configuration["experiment"]["runs_folder"]) / configuration["experiment"]["name"]
+    try:
+        return _run_configuration(arguments, configuration)
+    except KeyboardInterrupt as error:
+        raise Interrupted(getattr(error, "signal_number", signal.SIGINT), _what_is_left(folder)) from None
+
+
+def _run_configuration(arguments, configuration):
     with reported_once_per_node():
         if arguments.resume and not configuration.is_comparison:
             # A resumed run continues with the configuration saved in its folder.
@@ -294,7 +322,7 @@ def main(argv=None):
     except KeyboardInterrupt as error:
         # torchrun passes a Ctrl-C to every process, and stops the others with SIGTERM when one fails.
         if speaks_for_node():
-            print("aborted; the last checkpoint is kept, continue with --resume", file=sys.stderr)
+            print(f"aborted; {getattr(error, 'left', 'nothing was written yet')}", file=sys.stderr)
         return SIGNAL_STATUS_BASE + getattr(error, "signal_number", signal.SIGINT)
 
 

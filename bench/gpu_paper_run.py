@@ -122,7 +122,7 @@ def main():
             configuration = load_configuration(REPOSITORY / "configs" / PRESETS[name], overrides)
             experiment = build_experiment(configuration)
             run_folder = RunFolder(pathlib.Path(scratch) / name)
-            run_folder.create()
+            run_folder.create(configuration).release()
             trainer = Trainer(experiment, run_folder)
             with contextlib.redirect_stdout(io.StringIO()):
                 trainer.train(stop_after_steps=options.warmup)

@@ -70,7 +70,7 @@ def bare_loop(experiment):
 def trainer_loop(experiment, folder):
     """A function that trains ``experiment`` for n more steps with the Trainer, its output swallowed."""
     run_folder = RunFolder(pathlib.Path(folder))
-    run_folder.create()
+    run_folder.path.mkdir(parents=True)
     trainer = Trainer(experiment, run_folder)
 
     def train(steps):

@@ -46,9 +46,7 @@ def _stored_run(*overrides, checkpoint=False):
 
     def setup(workspace):
         configuration = load_configuration(workspace / "tiny.txt", list(overrides))
-        folder = RunFolder.of(configuration)
-        folder.create()
-        folder.write_configuration(configuration)
+        RunFolder.of(configuration).create(configuration).release()
 
     return setup
 
@@ -56,9 +54,7 @@ def _stored_run(*overrides, checkpoint=False):
 def _comparison_folder(workspace):
     _file("compare.txt", "[experiment]\nname = tiny\n[comparison]\n[[sgd]]\nlabel = SGD\noptimizer = sgd\n")(workspace)
     configuration = load_configuration(workspace / "compare.txt")
-    folder = RunFolder.of(configuration)
-    folder.create()
-    folder.write_configuration(configuration)
+    RunFolder.of(configuration).create(configuration).release()
 
 
 def _cifar10(damage):

@@ -18,6 +18,7 @@ import torch
 
 import main
 from source.configuration import load_configuration
+from source.files import LOCK_FILE
 from source.plotting import read_metrics
 from source.training import RunFolder, run_experiment, trainer
 from source.training.checkpoints import load_checkpoint, previous_path, save_atomically
@@ -52,7 +53,10 @@ def workspace(stopped_run, tmp_path, monkeypatch):
 
 
 def _files(folder):
-    return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.is_file()}
+    """The run's files and their bytes; owner.lock names whichever process held the folder last."""
+    return {
+        path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.is_file() and path.name != LOCK_FILE
+    }
 
 
 def _edit(name, change):

@@ -41,7 +41,7 @@ def test_training_steps_between_log_intervals_read_nothing_on_the_host(workspace
     )
     experiment = build_experiment(configuration)
     folder = RunFolder.of(configuration)
-    folder.create()
+    folder.create(configuration).release()
     trainer = Trainer(experiment, folder)
     batches = experiment.data.training.epoch(0)
     for inputs, targets, key in itertools.islice(batches, 12):

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from source.comparison.results import entry_values, result_rows, shown_entries, sweep_groups, write_results
 from source.errors import UserError, writing
+from source.files import write_text_atomically
 from source.plotting.curves import PlottedRun, figure_panels, quality_of
 from source.plotting.report_figures import plot_panel_grid, plot_performance_profile
 
@@ -250,8 +251,7 @@ def write_paper_report(entries, out):
         files += experiment_files
     csv_text, markdown = _table_texts(table, experiments)
     for path, text in ((out / f"{TABLE_FILE}.csv", csv_text), (out / f"{TABLE_FILE}.md", markdown)):
-        with writing(path):
-            path.write_text(text, encoding="utf-8")
+        write_text_atomically(text, path)
     files += [out / f"{TABLE_FILE}.csv", out / f"{TABLE_FILE}.md"]
     files += _grid_figures(experiments, colours, out)
     measured = [experiment.name for experiment in experiments if experiment.quality == "accuracy"]

@@ -24,6 +24,7 @@ from pathlib import Path
 from source.comparison.entries import Entry, read_comparison, run_name
 from source.configuration import load_configuration
 from source.errors import UserError, WriteFailed, writing
+from source.files import write_text_atomically
 from source.plotting.curves import PlottedRun, legend_label, plot_runs, quality_of, read_metrics, value_text
 from source.plotting.sensitivity import (
     SensitivityLine,
@@ -453,9 +454,8 @@ def write_results(entries, out, colours=None):
     table = _markdown_text(columns, rows)
     with writing(out):
         out.mkdir(parents=True, exist_ok=True)
-    for name, text in ((CSV_FILE, _csv_text(columns, rows)), (MARKDOWN_FILE, table)):
-        with writing(out / name):
-            (out / name).write_text(text, encoding="utf-8")
+    write_text_atomically(_csv_text(columns, rows), out / CSV_FILE)
+    write_text_atomically(table, out / MARKDOWN_FILE)
     dataset, model = _dataset_and_model(entries)
     shown = shown_entries(entries)
     try:

@@ -6,6 +6,10 @@ configuration.txt, one folder per entry with one run folder per seed, and the re
 comparison folder is never reused without --resume; --resume skips the runs that finished,
 continues the interrupted one from its last checkpoint and starts the rest.
 
+One process owns the comparison folder from start to end (an OS lock, ``source.files.ownership``;
+each run inside it is locked too), and a new comparison folder appears complete, holding its
+configuration.txt, so a kill at start-up leaves nothing that blocks a new start.
+
 A run that diverges is marked "diverged" in the results table and the comparison goes on with
 the next run; --resume skips it like a finished one. A comparison counts as successful (exit status
 0) when at least one run gave a test result; when every run diverged, main.py exits with 3.
@@ -20,7 +24,8 @@ from source.configuration import COMPARISON, differing_keys, format_configuratio
 from source.errors import UserError
 from source.plotting import read_metrics
 from source.training import run_experiment
-from source.training.checkpoints import read_checkpoint, remove_partial_files, write_text_atomically
+from source.files import create_owned_folder, hold_folder, remove_partial_files, write_text_atomically
+from source.training.checkpoints import read_checkpoint
 from source.training.run_folder import RESUMABLE
 
 __all__ = ["ComparisonOutcome", "run_comparison"]
@@ -56,7 +61,7 @@ def _check_can_start(comparison, resume):
     folder = comparison.folder
     stored_path = folder / CONFIGURATION_FILE
     if not resume:
-        if folder.exists():
+        if folder.exists() and not (folder.is_dir() and not any(folder.iterdir())):
             raise UserError(
                 f"{folder} already exists: continue that comparison with --resume, or start a new one "
                 "under another name with --set experiment.name=NAME"
@@ -120,17 +125,39 @@ def run_comparison(configuration, *, resume=False, stop_after_steps=None):
     steps in all, as if interrupted; so does Ctrl-C. Returns a ``ComparisonOutcome``.
     """
     comparison = read_comparison(configuration)
-    _check_can_start(comparison, resume)
-    comparison.check_entries_build()
     folder = comparison.folder
-    folder.mkdir(parents=True, exist_ok=resume)
-    remove_partial_files(folder)
+    lock = None
+    try:
+        if resume and folder.is_dir() and (folder / CONFIGURATION_FILE).is_file():
+            lock = hold_folder(folder, what="comparison folder")
+        _check_can_start(comparison, resume)
+        comparison.check_entries_build()
+        if lock is None:
+            lock = create_owned_folder(
+                folder, lambda staging: _write_configuration(configuration, folder, staging), what="comparison folder"
+            )
+        else:
+            remove_partial_files(folder)
+            _write_configuration(configuration, folder, folder)
+        return _run_all(comparison, configuration, stop_after_steps)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _write_configuration(configuration, folder, target):
+    """Write the comparison's resolved configuration.txt of ``folder`` into ``target`` (where it is built)."""
     header = [
         f"Resolved configuration of the comparison in {folder}: {configuration.source},",
         "the --set overrides and the defaults of source/configuration/configspec.ini.",
         f"Resume it with: python main.py --config {folder / CONFIGURATION_FILE} --resume",
     ]
-    write_text_atomically(format_configuration(configuration, header), folder / CONFIGURATION_FILE)
+    write_text_atomically(format_configuration(configuration, header), Path(target) / CONFIGURATION_FILE)
+
+
+def _run_all(comparison, configuration, stop_after_steps):
+    """Train the runs that are not finished, then write the results; return the ``ComparisonOutcome``."""
+    folder = comparison.folder
     total = configuration["training"]["training_steps"]
     runs = comparison.runs()
     steps_left = stop_after_steps

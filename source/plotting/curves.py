@@ -11,6 +11,7 @@ metrics file does not have (older files lack the passes, batch sizes and events)
 """
 
 import math
+import os
 import statistics
 import textwrap
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from source.errors import UserError, WriteFailed, cause_of, writing
+from source.files import replace_atomically, write_text_atomically
 from source.training.metrics_log import read_metrics
 
 __all__ = [
@@ -46,6 +48,7 @@ __all__ = [
 
 OWNER_FILE = "run_folder.txt"
 """Names the run folder whose plots a plot folder holds, so another run's plots are never overwritten."""
+_LONGEST_OWNER = 4096
 
 PALETTE = (
     "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
@@ -158,13 +161,14 @@ def _save(figure, stem):
     """Draw ``figure`` into ``stem``.png and .pdf; ``WriteFailed`` naming the file when either fails."""
     for suffix in _FORMATS:
         path = stem.with_suffix(suffix)
-        with writing(path):
-            try:
-                figure.savefig(path, metadata=_METADATA[suffix])
-            except (OSError, WriteFailed):
-                raise
-            except Exception as error:  # matplotlib draws only now; whatever it trips on, the results stay
-                raise WriteFailed(f"cannot draw {path}: {cause_of(error)}") from error
+        try:
+            replace_atomically(
+                path, lambda file, suffix=suffix: figure.savefig(file, format=suffix[1:], metadata=_METADATA[suffix])
+            )
+        except (OSError, WriteFailed):
+            raise
+        except Exception as error:  # matplotlib draws only now; whatever it trips on, the results stay
+            raise WriteFailed(f"cannot draw {path}: {cause_of(error)}") from error
     return stem.with_suffix(_FORMATS[0])
 
 
@@ -408,8 +412,20 @@ def plot_runs(runs, folder, *, dataset, model):
 
 
 def _owner(folder):
-    owner_path = Path(folder) / OWNER_FILE
-    return owner_path.read_text(encoding="utf-8").strip() if owner_path.is_file() else None
+    """The run folder that ``folder`` holds the plots of, resolved, or None when it names none."""
+    try:
+        # Never through a link: a planted one names no run, and its target is not read.
+        descriptor = os.open(Path(folder) / OWNER_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        recorded = os.read(descriptor, _LONGEST_OWNER).decode("utf-8", errors="replace").strip()
+    except OSError:
+        return None
+    finally:
+        os.close(descriptor)
+    # Recorded relative to the plot folder (older files: absolute), so a moved project keeps its plots.
+    return (Path(os.path.realpath(folder)) / recorded).resolve() if recorded else None
 
 
 def check_plot_folder(folder, run_folder):
@@ -417,7 +433,7 @@ def check_plot_folder(folder, run_folder):
     folder = Path(folder)
     owner = _owner(folder)
     has_figures = folder.is_dir() and any(folder.glob("*.png"))
-    if has_figures and owner != str(Path(run_folder).resolve()):
+    if has_figures and owner != Path(run_folder).resolve():
         raise UserError(
             f"{folder} holds the plots of {owner or 'another run'}; choose another experiment name "
             "or [logging] plots_folder"
@@ -425,8 +441,9 @@ def check_plot_folder(folder, run_folder):
 
 
 def claim_plot_folder(folder, run_folder):
-    """Create ``folder`` and record that it holds the plots of ``run_folder``."""
+    """Create ``folder`` and record that it holds the plots of ``run_folder`` (as a path relative to it)."""
     folder = Path(folder)
-    with writing(folder / OWNER_FILE):
+    with writing(folder):
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / OWNER_FILE).write_text(f"{Path(run_folder).resolve()}\n", encoding="utf-8")
+    relative = os.path.relpath(Path(run_folder).resolve(), os.path.realpath(folder))
+    write_text_atomically(f"{relative}\n", folder / OWNER_FILE)

@@ -3,8 +3,9 @@
 Every save keeps the file it replaces as ``<name>.previous.pt`` (last.pt → last.previous.pt,
 best.pt → best.previous.pt), so a resume can fall back to it when the newer file is damaged,
 and refuses a model state holding a non-finite value: no checkpoint ever carries a diverged
-model. Reading never runs code (``torch.load(weights_only=True)``), and a file that cannot be
-read gives one short ``UserError`` line.
+model. Files are replaced, never written through a link (``source.files.confined``). Reading
+never runs code (``torch.load(weights_only=True)``), and a file that cannot be read gives one
+short ``UserError`` line.
 """
 
 import contextlib
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from source.errors import UserError, WriteFailed, writing
+from source.files import remove_partial_files, replace_atomically, write_text_atomically
 
 __all__ = [
     "capture_random_state",
@@ -33,48 +35,12 @@ __all__ = [
     "write_text_atomically",
 ]
 
-PARTIAL_SUFFIX = ".partial"
 _LONGEST_DETAIL = 100
 
 
-def _replace_atomically(path, write):
-    """Call ``write(file)`` on a temporary file beside ``path``, then rename it over ``path``.
-
-    A crash leaves either the old file or the new one, never a half-written one; a write the
-    system refuses raises ``WriteFailed`` naming ``path``.
-    """
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}{PARTIAL_SUFFIX}")
-    try:
-        with writing(path):
-            with open(temporary, "wb") as file:
-                write(file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, path)
-    except BaseException:
-        # In a folder that became unwritable the temporary file cannot go either; a resume removes it.
-        with contextlib.suppress(OSError):
-            temporary.unlink(missing_ok=True)
-        raise
-
-
 def save_atomically(state, path):
-    """``torch.save(state)`` to ``path`` atomically."""
-    _replace_atomically(path, lambda file: torch.save(state, file))
-
-
-def write_text_atomically(text, path):
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
-    _replace_atomically(path, lambda file: file.write(text.encode("utf-8")))
-
-
-def remove_partial_files(folder):
-    """Delete the temporary files of writes that a killed process left in ``folder``; return their paths."""
-    stale = [path for path in Path(folder).glob(f".*{PARTIAL_SUFFIX}") if path.is_file()]
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return stale
+    """``torch.save(state)`` to ``path`` atomically, replacing (never writing through) what is there."""
+    replace_atomically(path, lambda file: torch.save(state, file))
 
 
 def previous_path(path):

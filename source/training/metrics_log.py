@@ -15,9 +15,11 @@ step it stopped at.
 
 import json
 import os
+import secrets
 from pathlib import Path
 
 from source.errors import UserError, cause_of, writing
+from source.files import open_for_append
 
 __all__ = ["SPLITS", "MetricsLog", "read_metrics"]
 
@@ -89,26 +91,35 @@ class MetricsLog:
 
     def __init__(self, folder, metrics_path, *, tensorboard, resume_offset=0, resume_step=None):
         self.metrics_path = Path(metrics_path)
-        size = self.metrics_path.stat().st_size if self.metrics_path.exists() else 0
-        if size < resume_offset:
-            raise UserError(
-                f"{self.metrics_path} has {size} bytes but its checkpoint expects {resume_offset}; "
-                "the file was changed, so the run cannot resume"
-            )
-        if resume_offset:
-            # A damaged record is found now, before training, not by the figures at the end.
-            read_metrics(self.metrics_path, up_to=resume_offset)
         self.folder = Path(folder)
         with writing(self.metrics_path):
-            self._file = open(self.metrics_path, "a", encoding="utf-8")
-            self._file.truncate(resume_offset)
+            self._file = open_for_append(self.metrics_path)
+        try:
+            size = os.fstat(self._file.fileno()).st_size
+            if size < resume_offset:
+                raise UserError(
+                    f"{self.metrics_path} has {size} bytes but its checkpoint expects {resume_offset}; "
+                    "the file was changed, so the run cannot resume"
+                )
+            if resume_offset:
+                # A damaged record is found now, before training, not by the figures at the end.
+                read_metrics(self.metrics_path, up_to=resume_offset)
+            with writing(self.metrics_path):
+                self._file.truncate(resume_offset)
+        except BaseException:
+            self._file.close()
+            raise
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # imported only when used: it is slow to load
 
             purge_step = None if resume_step is None else resume_step + 1
+            # TensorBoard writes its event file by name, following links; a random suffix makes the
+            # name one that nothing can be waiting under.
             with self._writing_events():
-                self.writer = SummaryWriter(log_dir=str(folder), purge_step=purge_step)
+                self.writer = SummaryWriter(
+                    log_dir=str(folder), purge_step=purge_step, filename_suffix=f".{secrets.token_hex(8)}"
+                )
 
     def _writing_events(self):
         # The event writer works in a thread of its own and reports a failed write at its next call.

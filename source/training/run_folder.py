@@ -5,6 +5,12 @@ or to choose another experiment name. A resumed run continues with the configura
 was started with (its configuration.txt), where the machine's choices for "auto" keys are
 recorded; only keys that do not change the experiment's results
 (see ``RESUMABLE``) may be changed, and only with --set (see ``configuration_to_resume``).
+Every checkpoint carries the configuration too, so an edited configuration.txt is found
+(``check_saved_configuration``).
+
+One process owns a run folder while it works there (``source.files.ownership``): a new folder
+appears complete, holding its configuration.txt, and is locked from then on; a resume locks it
+before it reads the checkpoints.
 """
 
 import os
@@ -14,10 +20,17 @@ from pathlib import Path
 
 from source.configuration import Configuration, differing_keys, format_configuration, key_label, load_configuration
 from source.errors import UserError
-from source.training.checkpoints import write_text_atomically
+from source.files import create_owned_folder, hold_folder, write_text_atomically
 from source.training.experiment import AUTOMATIC, AUTOMATIC_CHOICES
 
-__all__ = ["LOCATION", "RESUMABLE", "RunFolder", "check_writable_folder", "configuration_to_resume"]
+__all__ = [
+    "LOCATION",
+    "RESUMABLE",
+    "RunFolder",
+    "check_writable_folder",
+    "configuration_to_resume",
+    "configuration_record",
+]
 
 RESUMABLE = {
     ("experiment", "device"),
@@ -144,6 +157,15 @@ def _copy(section):
     return {key: _copy(value) for key, value in section.items()} if isinstance(section, dict) else section
 
 
+def configuration_record(configuration):
+    """What a checkpoint keeps of the configuration: its sections as plain dicts, lists and values,
+    without the ``LOCATION`` keys, so that the same run under another name or folder saves the same."""
+    sections = _copy(configuration.sections)
+    for path in LOCATION:
+        _set_value(sections, path, _MISSING)
+    return sections
+
+
 def _value_at(sections, path):
     for name in path:
         if not isinstance(sections, dict) or name not in sections:
@@ -209,11 +231,14 @@ class RunFolder:
         return sorted(self.path.glob("events.out.tfevents.*"))
 
     def check_can_start(self, configuration, resume):
-        """Raise ``UserError`` unless a new run may start here (or, with ``resume``, continue here)."""
+        """Raise ``UserError`` unless a new run may start here (or, with ``resume``, continue here).
+
+        An empty folder (left by an older version killed at start-up) does not count as a run.
+        """
         with configuration.blame("experiment", "runs_folder"):
             check_writable_folder(self.path)
         if not resume:
-            if self.path.exists():
+            if self.path.exists() and not _is_empty_folder(self.path):
                 raise UserError(
                     f"{self.path} already exists: continue that run with --resume, or start a new one "
                     "under another name with --set experiment.name=NAME"
@@ -235,22 +260,48 @@ class RunFolder:
                 f"resume with --config {self.configuration_path}"
             )
 
-    def create(self):
-        """Make the folder (and its parents) for a new run."""
-        try:
-            self.path.mkdir(parents=True, exist_ok=False)
-        except OSError as error:
-            raise UserError(f"cannot create the run folder {self.path}: {error.strerror or error}") from None
+    def check_saved_configuration(self, saved_sections, configuration, checkpoint_path):
+        """Raise ``UserError`` if ``configuration`` differs from the one the checkpoint was saved with
+        (``saved_sections``) in a key that a resume may not change: configuration.txt was edited."""
+        saved = Configuration(sections=saved_sections, source=str(checkpoint_path))
+        changed = [
+            f"{'.'.join(path)} {_shown(_value_at(configuration.sections, path))} "
+            f"(checkpoint: {_shown(_value_at(saved.sections, path))})"
+            for path in _differences(saved, configuration)
+            if path not in RESUMABLE and path not in LOCATION
+        ]
+        if changed:
+            raise UserError(
+                f"cannot resume {self.path}: its configuration.txt was changed after {checkpoint_path} was saved: "
+                f"{', '.join(changed)}; put the saved values back, or start a new run under another name "
+                "with --set experiment.name=NAME"
+            )
+
+    def hold(self):
+        """Take the folder's lock for this process (``FolderInUse`` while another one works here)."""
+        return hold_folder(self.path, what="run folder")
+
+    def create(self, configuration):
+        """Make the folder of a new run, holding its configuration.txt, and return its lock."""
+        return create_owned_folder(
+            self.path, lambda folder: self.write_configuration(configuration, folder), what="run folder"
+        )
 
     def remove(self):
         """Delete the folder and everything in it (a new run that failed before its first step)."""
         shutil.rmtree(self.path, ignore_errors=True)
 
-    def write_configuration(self, configuration):
-        """Store the resolved configuration (file, overrides and defaults) in the folder."""
+    def write_configuration(self, configuration, folder=None):
+        """Store the resolved configuration (file, overrides and defaults) in the folder
+        (or in ``folder``, where the run folder is being built)."""
         header = [
             f"Resolved configuration of the run in {self.path}: {configuration.source},",
             "the --set overrides and the defaults of source/configuration/configspec.ini.",
             f"Resume it with: python main.py --config {self.configuration_path} --resume",
         ]
-        write_text_atomically(format_configuration(configuration, header), self.configuration_path)
+        target = self.configuration_path if folder is None else Path(folder) / self.configuration_path.name
+        write_text_atomically(format_configuration(configuration, header), target)
+
+
+def _is_empty_folder(path):
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())

@@ -5,7 +5,12 @@ readable, complete, and hold this model's weights (dense, of its dtypes, all fin
 optimizer's state and counters of the right types and ranges (checkpoint_contents.py). A damaged
 last.pt gives way to last.previous.pt, the checkpoint it replaced, with a message. The best
 checkpoint last.pt names must be there too: best.pt, best.previous.pt (when a kill or damage left
-best.pt newer than last.pt), or, when the best is last.pt's own step, rebuilt from last.pt.
+best.pt newer than last.pt), or, when the best is last.pt's own step, rebuilt from last.pt. The
+configuration last.pt was saved with must match the one the run resumes with, apart from what a
+resume may change (an edited configuration.txt is refused, its edits listed).
+
+Rank 0 owns the run folder for the whole run (``RunFolder.hold``): a second process that starts
+or resumes the same run stops with one line naming the owner.
 """
 
 import contextlib
@@ -15,7 +20,7 @@ from source.training.checkpoint_contents import check_best_checkpoint, check_las
 from source.training.checkpoints import previous_path, read_checkpoint, remove_partial_files, save_atomically
 from source.training.evaluation import quality_metric
 from source.training.experiment import build_experiment, single_process
-from source.training.run_folder import RunFolder
+from source.training.run_folder import RunFolder, configuration_record
 from source.training.trainer import BEST_KEYS, RunOutcome, Trainer, initial_loop_states, say
 
 __all__ = ["LAST_KEYS", "run_experiment"]
@@ -42,6 +47,8 @@ def _check_last(path, experiment):
     checkpoint = read_checkpoint(path, LAST_KEYS)
     quality, _ = quality_metric(experiment.splits.task)
     check_last_checkpoint(checkpoint, experiment, initial_loop_states(experiment), quality, path)
+    if not isinstance(checkpoint.get("configuration", {}), (dict, type(None))):
+        raise UserError(f"cannot use the checkpoint {path}: its record of the run's configuration is damaged")
     return checkpoint
 
 
@@ -123,14 +130,24 @@ def _diverged_outcome(checkpoint):
     )
 
 
-def _prepare_folder(folder, experiment, configuration, resume):
-    """Check the checkpoints to resume from, repair and tidy the folder (or create it); return last.pt's state.
+def _claim_folder(folder, configuration, resume, locks):
+    """Check that the run may start (or continue) in ``folder``; when resuming, take its lock into ``locks``."""
+    folder.check_can_start(configuration, resume)
+    if resume:
+        locks.append(folder.hold())
+
+
+def _prepare_folder(folder, experiment, configuration, resume, locks):
+    """Check the checkpoints to resume from, repair and tidy the folder (or create it, locked, into
+    ``locks``); return last.pt's state.
 
     Runs on rank 0 only: the one process that reads and writes the run folder.
     """
     checkpoint, repairs = None, []
     if resume:
         checkpoint = _last_checkpoint(folder, experiment, repairs)
+    if checkpoint is not None and checkpoint.get("configuration") is not None:
+        folder.check_saved_configuration(checkpoint["configuration"], configuration, folder.last_checkpoint_path)
     if checkpoint is not None:
         total = configuration["training"]["training_steps"]
         if checkpoint["step"] > total:
@@ -151,7 +168,7 @@ def _prepare_folder(folder, experiment, configuration, resume):
     elif resume:
         say(f"{folder.path} has no checkpoint yet: starting it again from step 0")
     if not resume:
-        folder.create()
+        locks.append(folder.create(configuration))
     return checkpoint
 
 
@@ -168,17 +185,31 @@ def run_experiment(configuration, *, resume=False, stop_after_steps=None, distri
     """
     folder = RunFolder.of(configuration)
     distributed = distributed or single_process(configuration)
-    distributed.on_main(lambda: folder.check_can_start(configuration, resume))
+    locks = []  # rank 0's lock on the run folder, held until the run ends
+    try:
+        distributed.on_main(lambda: _claim_folder(folder, configuration, resume, locks))
+        return _run_in_folder(folder, configuration, resume, stop_after_steps, distributed, locks)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _run_in_folder(folder, configuration, resume, stop_after_steps, distributed, locks):
     experiment = distributed.together(lambda: build_experiment(configuration, distributed))
     if experiment.data.note:
         say(experiment.data.note)
-    checkpoint = distributed.on_main(lambda: _prepare_folder(folder, experiment, configuration, resume))
+    checkpoint = distributed.on_main(lambda: _prepare_folder(folder, experiment, configuration, resume, locks))
     if checkpoint is not None and checkpoint.get("diverged"):
         return _diverged_outcome(checkpoint)
     trainer = None
+    record = configuration_record(configuration)
     try:
-        trainer = distributed.together(lambda: Trainer(experiment, folder, checkpoint, resume=resume))
-        distributed.on_main(lambda: folder.write_configuration(configuration))
+        trainer = distributed.together(
+            lambda: Trainer(experiment, folder, checkpoint, resume=resume, configuration=record)
+        )
+        if resume:
+            # A new run's folder was created holding its configuration.txt.
+            distributed.on_main(lambda: folder.write_configuration(configuration))
         outcome = trainer.train(stop_after_steps)
     except BaseException as error:
         if trainer is not None:

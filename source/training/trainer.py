@@ -82,7 +82,7 @@ class RunOutcome:
 
 class Aborted(KeyboardInterrupt):
     """A SIGINT or SIGTERM that stops at once, without saving: a second one in the training loop, or
-    one anywhere else (the test, the figures); exit status 128 + the signal number."""
+    one anywhere else (start-up, the test, the figures); exit status 128 + the signal number."""
 
     def __init__(self, signal_number):
         super().__init__(f"aborted by signal {signal_number}")
@@ -195,11 +195,13 @@ class Trainer:
     ``checkpoint`` is the content of last.pt to continue from (checked by the runner; a state
     that still does not fit raises ``UserError`` before any file is touched). ``resume`` continues
     the folder's metrics file and event files (after the checkpoint's step; from step 0 without a
-    checkpoint) instead of starting them.
+    checkpoint) instead of starting them. ``configuration`` (plain sections) goes into every
+    checkpoint unread, so that a resume can tell whether configuration.txt was edited since.
     """
 
-    def __init__(self, experiment, run_folder, checkpoint=None, *, resume=False):
+    def __init__(self, experiment, run_folder, checkpoint=None, *, resume=False, configuration=None):
         self.experiment = experiment
+        self.configuration = configuration
         self.run_folder = run_folder
         self.settings = settings = experiment.settings
         self.distributed = experiment.distributed
@@ -569,6 +571,7 @@ class Trainer:
             # Rank 0's state holds only its own partial sums; resumable in one process at most.
             "partial_sums_of_processes": self.distributed.world_size if not self._can_checkpoint() else None,
             "process_buffers": process_buffers,
+            "configuration": self.configuration,
         }
         # Through rank 0, so that a write that fails stops every process with its one line.
         self.distributed.on_main(lambda: save_checkpoint(state, self.run_folder.last_checkpoint_path))
