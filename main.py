@@ -6,12 +6,18 @@
     python main.py --resume                          # continue the run from its last checkpoint
     python main.py --config configs/compare_digits.txt   # a comparison: every entry, one by one
     python main.py --config configs/paper.txt            # a grid file: each comparison it names
+    python main.py --config a.txt --config b.txt --set launcher.parallel=2   # two comparisons, 2 runs at once
+    python main.py --config configs/compare_digits.txt --status      # the state of every run; --dry-run: the plan
 
 A run trains in <runs_folder>/<experiment name>/ (metrics, TensorBoard events, checkpoints, the
 resolved configuration) and draws figures into <plots_folder>/<experiment name>/. A comparison (a
 file with a [comparison] section) trains each entry and seed as such a run inside
 <runs_folder>/<experiment name>/ and writes the results table and figures there. Both print where
 everything went.
+
+[launcher] places the runs of comparisons (source/launcher/): in this process one after another
+(parallel = 1), in child processes on this machine (parallel = N or auto), or as SLURM jobs
+(name = slurm, through submitit; --wait waits for them and writes the results).
 
 Several processes: ``torchrun --nproc_per_node=N main.py ...`` trains one run in N processes
 (source/training/distributed.py); rank 0 alone writes and prints the report.
@@ -22,11 +28,12 @@ every run diverged; otherwise its table marks the diverged ones); 4 when a proce
 several processes died or stopped answering (the others stop; continue with --resume); 5 after
 one line naming a file the system would not let it write (full disk, file-size limit,
 permissions; the last checkpoint is kept, continue with --resume) or a figure that could not be
-drawn (the finished run's results are kept); 130 and 143 when SIGINT (Ctrl-C) or SIGTERM stopped
-it, after saving its checkpoint in training (a second signal, or one during the test or the
-figures, stops at once, same status; one before training began leaves nothing that blocks a new
-start). A second process that starts or resumes a run or comparison another one is working on
-gets one line naming that process, and status 2.
+drawn (the finished run's results are kept); 10 + N when N runs of a grid in child processes or
+SLURM jobs failed (at most 99); 130 and 143 when SIGINT (Ctrl-C) or SIGTERM stopped it, after
+saving its checkpoint in training (a second signal, or one during the test or the figures, stops
+at once, same status; one before training began leaves nothing that blocks a new start). A second
+process that starts or resumes a run or comparison another one is working on gets one line naming
+that process, and status 2.
 """
 
 import argparse
@@ -40,6 +47,16 @@ from source.comparison import run_comparison
 from source.comparison.grid import expand_grids
 from source.configuration import load_configuration
 from source.errors import UserError, WriteFailed
+from source.launcher import (
+    build_grid,
+    check_several,
+    comparison_folder_of,
+    launch,
+    print_plan,
+    print_status,
+    read_launcher,
+    runs_in_children,
+)
 from source.plotting import PlottedRun, check_plot_folder, claim_plot_folder, legend_label, plot_runs
 from source.training import RunFolder, run_experiment
 from source.training.distributed import (
@@ -80,9 +97,11 @@ def parse_arguments(argv):
     )
     parser.add_argument(
         "--config",
-        default=DEFAULT_CONFIGURATION,
+        dest="configs",
+        action="append",
         metavar="PATH",
-        help=f"configuration file (default: {DEFAULT_CONFIGURATION}), or a grid file naming several comparison files",
+        help=f"configuration file (default: {DEFAULT_CONFIGURATION}), or a grid file naming several comparison "
+        "files; repeat it to launch several together",
     )
     parser.add_argument(
         "--set",
@@ -107,7 +126,25 @@ def parse_arguments(argv):
         help="stop after N more training steps (in all, for a comparison), saving a checkpoint as if "
         "interrupted (continue with --resume)",
     )
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--status",
+        action="store_true",
+        help="print the state of every run (finished, stopped, failed, diverged, not started; step; last "
+        "validation result) from the run folders, and exit without touching anything",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list every run, where it would train and the steps in all, and exit without writing anything",
+    )
+    parser.add_argument(
+        "--wait",
+        action="store_true",
+        help="with [launcher] name = slurm: wait for the jobs, then write the results (default: submit and return)",
+    )
+    arguments = parser.parse_args(argv)
+    arguments.configs = arguments.configs or [DEFAULT_CONFIGURATION]
+    return arguments
 
 
 def _report(run_folder, plot_files, outcome):
@@ -189,10 +226,25 @@ def _what_is_left(folder):
 
 
 def run(arguments):
-    """Load every configuration (a grid file: each file it names), then train each in turn; return the
-    highest exit status, stopping early when a signal stopped one."""
+    """Load every configuration (a grid file: each file it names); show the state or plan, launch the
+    grid, or train each configuration in turn here; return the exit status."""
     with reported_once_per_node():
-        configurations = [load_configuration(path, arguments.overrides) for path in expand_grids([arguments.config])]
+        configurations = [load_configuration(path, arguments.overrides) for path in expand_grids(arguments.configs)]
+    settings = read_launcher(configurations)
+    check_several(configurations)
+    if arguments.status:
+        print_status(build_grid(configurations, resume=False, check=False))
+        return 0
+    in_children = runs_in_children(configurations, settings)
+    if arguments.dry_run:
+        print_plan(build_grid(configurations, resume=arguments.resume, check=True), settings, in_children)
+        return 0
+    if in_children:
+        if arguments.stop_after_steps is not None:
+            raise UserError(
+                "--stop-after-steps stops runs trained in this process: use it with [launcher] parallel = 1"
+            )
+        return launch(configurations, settings, resume=arguments.resume, wait=arguments.wait)
     statuses = []
     for configuration in configurations:
         statuses.append(run_configuration(arguments, configuration))
@@ -240,17 +292,20 @@ def _run(arguments, configuration, distributed):
             print("error: every run of the comparison diverged; see results.md", file=sys.stderr)
         return _exit_status(outcome.stopped_by_signal, outcome.diverged and not outcome.tested)
     run_folder = RunFolder.of(configuration)
+    # A run of a comparison (a child of a launcher) draws no figures of its own: the comparison's are its figures.
+    in_comparison = comparison_folder_of(run_folder.path) is not None
     plot_folder = Path(configuration["logging"]["plots_folder"]) / configuration["experiment"]["name"]
-    with configuration.blame("logging", "plots_folder"):
-        check_writable_folder(plot_folder)
-        check_plot_folder(plot_folder, run_folder.path)
+    if not in_comparison:
+        with configuration.blame("logging", "plots_folder"):
+            check_writable_folder(plot_folder)
+            check_plot_folder(plot_folder, run_folder.path)
     outcome = run_experiment(
         configuration, resume=arguments.resume, stop_after_steps=arguments.stop_after_steps, distributed=distributed
     )
     plot_files, figures_failed = [], None
     has_metrics = run_folder.metrics_path.exists() and run_folder.metrics_path.stat().st_size
     redraw = f"python -m source.plotting {run_folder.path} --out {plot_folder}"
-    if distributed.is_main and has_metrics:
+    if distributed.is_main and has_metrics and not in_comparison:
         try:
             claim_plot_folder(plot_folder, run_folder.path)
             plot_files = plot_runs(

@@ -6,17 +6,29 @@ same files again from the folders on disk. ``grid.py`` reads grid files, which n
 comparisons; ``paper_report.py`` writes the report over several experiments.
 """
 
-from source.comparison.entries import Comparison, Entry, read_comparison
+from source.comparison.entries import Comparison, ComparisonRun, Entry, read_comparison
 from source.comparison.results import collect_entries, result_rows, write_results
-from source.comparison.runner import ComparisonOutcome, run_comparison
+from source.comparison.runner import (
+    ComparisonOutcome,
+    RunProgress,
+    create_comparison_folder,
+    prepare_comparison,
+    run_comparison,
+    run_progress,
+)
 
 __all__ = [
     "Comparison",
     "ComparisonOutcome",
+    "ComparisonRun",
     "Entry",
+    "RunProgress",
     "collect_entries",
+    "create_comparison_folder",
+    "prepare_comparison",
     "read_comparison",
     "result_rows",
     "run_comparison",
+    "run_progress",
     "write_results",
 ]

@@ -6,6 +6,7 @@ A comparison configuration is an ordinary configuration with a [comparison] sect
 ``[[[sweep]]]``. Each entry and seed trains as an ordinary run whose configuration is the
 comparison's with the entry's optimizer and schedule, the seed, ``[experiment] label`` = the
 entry's label, and the run folder ``<runs_folder>/<experiment name>/<entry id>/seed_<seed>/``.
+``Comparison.runs()`` lists them as ``ComparisonRun``s: the unit a launcher places (source/launcher/).
 
 An entry with a [[[sweep]]] (optimizer or schedule arguments, each with a list of values) stands
 for one point per combination of values: an entry of its own with those arguments added, the id
@@ -27,7 +28,18 @@ from source.plotting.curves import arguments_text, value_text
 from source.training import RunFolder, build_experiment, build_optimizer_and_schedule
 from source.training.schedules import accepted_schedule_arguments
 
-__all__ = ["Comparison", "Entry", "EntryRunConfiguration", "SweptArgument", "read_comparison", "run_name"]
+__all__ = [
+    "Comparison",
+    "ComparisonRun",
+    "Entry",
+    "EntryRunConfiguration",
+    "SweptArgument",
+    "read_comparison",
+    "run_name",
+]
+
+LAUNCHER = "launcher"
+"""The section that says where a comparison's runs go; a run itself trains where it is started."""
 
 _ENTRY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 _ENTRY_KEYS = ("label", "optimizer", "arguments", "schedule", "schedule_arguments")
@@ -131,6 +143,25 @@ class EntryRunConfiguration(Configuration):
 
 
 @dataclass(frozen=True)
+class ComparisonRun:
+    """One run of a comparison: its entry and seed, its resolved configuration and its run folder.
+
+    The configuration alone describes the run: written to the run folder's configuration.txt, it
+    trains (and resumes) the run as an ordinary one.
+    """
+
+    entry: Entry
+    seed: int
+    configuration: EntryRunConfiguration
+    folder: RunFolder
+
+    @property
+    def name(self):
+        """How messages name the run: "sgd (SGD) seed 1"."""
+        return f"{self.entry.id} ({self.entry.label}) seed {self.seed}"
+
+
+@dataclass(frozen=True)
 class Comparison:
     """A validated comparison configuration: its entries (in file order) and seeds."""
 
@@ -148,6 +179,7 @@ class Comparison:
         """The configuration of ``entry``'s run with ``seed``, as an ordinary run would have it."""
         sections = copy.deepcopy(self.configuration.sections)
         del sections[COMPARISON]
+        sections.pop(LAUNCHER, None)
         sections["experiment"].update(
             name=run_name(seed), seed=seed, runs_folder=str(self.folder / entry.id), label=entry.label
         )
@@ -169,14 +201,16 @@ class Comparison:
             point=entry.point,
         )
 
-    def run_folder(self, entry, seed):
-        """The run folder of ``entry``'s run with ``seed``."""
-        return RunFolder.of(self.run_configuration(entry, seed))
-
     def runs(self):
-        """(entry, seed) pairs in the order they train: entry by entry (a swept entry point by point),
-        each with every seed."""
-        return [(point, seed) for entry in self.entries for point in entry.points() for seed in self.seeds]
+        """The ``ComparisonRun``s in the order they train: entry by entry (a swept entry point by
+        point), each with every seed."""
+        runs = []
+        for entry in self.entries:
+            for point in entry.points():
+                for seed in self.seeds:
+                    configuration = self.run_configuration(point, seed)
+                    runs.append(ComparisonRun(point, seed, configuration, RunFolder.of(configuration)))
+        return runs
 
     def check_entries_build(self):
         """Build every entry's experiment (data, model, optimizer, schedule) once, training nothing;

@@ -26,9 +26,16 @@ from source.plotting import read_metrics
 from source.training import run_experiment
 from source.files import create_owned_folder, hold_folder, remove_partial_files, write_text_atomically
 from source.training.checkpoints import read_checkpoint
-from source.training.run_folder import RESUMABLE
+from source.training.run_folder import is_resumable
 
-__all__ = ["ComparisonOutcome", "run_comparison"]
+__all__ = [
+    "ComparisonOutcome",
+    "RunProgress",
+    "create_comparison_folder",
+    "prepare_comparison",
+    "run_comparison",
+    "run_progress",
+]
 
 CONFIGURATION_FILE = "configuration.txt"
 """The comparison's resolved configuration, in the comparison folder."""
@@ -75,7 +82,7 @@ def _check_can_start(comparison, resume):
     changed = [
         key_label(path[:-1], path[-1])
         for path in differing_keys(stored, comparison.configuration)
-        if path not in RESUMABLE and not _is_addition(path, stored, comparison)
+        if not is_resumable(path) and not _is_addition(path, stored, comparison)
     ]
     if changed:
         raise UserError(
@@ -98,8 +105,22 @@ def _is_addition(path, stored, comparison):
     return len(path) == 2 and path[1] not in stored[COMPARISON]
 
 
-def _finished_step(run_folder, total):
-    """The step an existing run has reached, whether it finished all ``total`` steps, and whether it diverged.
+@dataclass(frozen=True)
+class RunProgress:
+    """How far a run folder's last checkpoint has come: its step, and whether it finished or diverged."""
+
+    step: int
+    finished: bool
+    diverged: bool
+
+    @property
+    def done(self):
+        """Whether nothing is left to train: the run finished, or diverged."""
+        return self.finished or self.diverged
+
+
+def run_progress(run_folder, total):
+    """The ``RunProgress`` of an existing (or not yet started) run of ``total`` steps.
 
     A run that diverged before its first checkpoint has only its "diverged" record. A damaged
     last.pt counts as step 0 here; resuming the run reports it (or falls back to the previous
@@ -108,13 +129,37 @@ def _finished_step(run_folder, total):
     if not run_folder.last_checkpoint_path.exists():
         metrics = run_folder.metrics_path
         diverged = metrics.is_file() and any(record["split"] == "diverged" for record in read_metrics(metrics))
-        return 0, False, diverged
+        return RunProgress(0, False, diverged)
     try:
         checkpoint = read_checkpoint(run_folder.last_checkpoint_path, ("step", "finished"))
     except UserError:
-        return 0, False, False
+        return RunProgress(0, False, False)
     finished = bool(checkpoint["finished"]) and checkpoint["step"] == total
-    return checkpoint["step"], finished, bool(checkpoint.get("diverged"))
+    return RunProgress(checkpoint["step"], finished, bool(checkpoint.get("diverged")))
+
+
+def prepare_comparison(configuration, resume):
+    """Check that the comparison ``configuration`` may start (or, with ``resume``, continue) and build
+    every entry once; return its ``Comparison``. Creates nothing: ``create_comparison_folder`` does."""
+    comparison = read_comparison(configuration)
+    _check_can_start(comparison, resume)
+    comparison.check_entries_build()
+    return comparison
+
+
+def create_comparison_folder(comparison, resume):
+    """Create the comparison folder complete with its resolved configuration (or, with ``resume``,
+    tidy it and write the configuration again); return its ``FolderLock``, held by this process."""
+    folder = comparison.folder
+    configuration = comparison.configuration
+    if resume and folder.is_dir() and (folder / CONFIGURATION_FILE).is_file():
+        lock = hold_folder(folder, what="comparison folder")
+        remove_partial_files(folder)
+        _write_configuration(configuration, folder, folder)
+        return lock
+    return create_owned_folder(
+        folder, lambda staging: _write_configuration(configuration, folder, staging), what="comparison folder"
+    )
 
 
 def run_comparison(configuration, *, resume=False, stop_after_steps=None):
@@ -162,15 +207,15 @@ def _run_all(comparison, configuration, stop_after_steps):
     runs = comparison.runs()
     steps_left = stop_after_steps
     finished, diverged, tested, stopped_by_signal = True, [], 0, None
-    for number, (entry, seed) in enumerate(runs, start=1):
-        name = f"[{number}/{len(runs)}] {entry.id} ({entry.label}) seed {seed}"
-        run_configuration = comparison.run_configuration(entry, seed)
-        run_folder = comparison.run_folder(entry, seed)
-        start, done, diverged_before = _finished_step(run_folder, total)
-        if done or diverged_before:
-            _progress(f"{name}: {'finished' if done else 'diverged'} already, skipped")
-            tested += done
-            if diverged_before:
+    for number, run in enumerate(runs, start=1):
+        name = f"[{number}/{len(runs)}] {run.name}"
+        run_configuration, run_folder = run.configuration, run.folder
+        progress = run_progress(run_folder, total)
+        start = progress.step
+        if progress.done:
+            _progress(f"{name}: {'finished' if progress.finished else 'diverged'} already, skipped")
+            tested += progress.finished
+            if progress.diverged:
                 diverged.append(name)
             continue
         if steps_left == 0:
@@ -198,7 +243,7 @@ def _run_all(comparison, configuration, stop_after_steps):
     return ComparisonOutcome(
         folder=folder,
         finished=finished,
-        run_folders=[comparison.run_folder(entry, seed).path for entry, seed in runs],
+        run_folders=[run.folder.path for run in runs],
         files=files,
         table=table,
         diverged=diverged,

@@ -30,6 +30,7 @@ __all__ = [
     "check_writable_folder",
     "configuration_to_resume",
     "configuration_record",
+    "is_resumable",
 ]
 
 RESUMABLE = {
@@ -48,6 +49,15 @@ RESUMABLE = {
     ("logging", "plots_folder"),
 }
 """(section, key) pairs a resumed run may change: where and how it runs, how long, what it logs."""
+
+RESUMABLE_SECTIONS = {"launcher"}
+"""Sections every key of which a resumed run may change: where its processes run."""
+
+
+def is_resumable(path):
+    """Whether the key at ``path`` (("training", "training_steps")) may change when a run resumes."""
+    return path[0] in RESUMABLE_SECTIONS or path in RESUMABLE
+
 
 LOCATION = (("experiment", "runs_folder"), ("experiment", "name"))
 """The keys that find a run folder: a resumed run takes them from where it was found, not from its
@@ -120,8 +130,8 @@ def configuration_to_resume(configuration):
             _set_value(sections, path, value)
         elif path in configuration.overrides:
             given = configuration.overrides[path]
-            if path not in RESUMABLE:
-                allowed = ", ".join(".".join(key) for key in sorted(RESUMABLE))
+            if not is_resumable(path):
+                allowed = ", ".join([*(".".join(key) for key in sorted(RESUMABLE)), *sorted(RESUMABLE_SECTIONS)])
                 raise UserError(
                     f"{given}: {key_label(path[:-1], path[-1])} cannot change when resuming {folder.path} "
                     f"(saved: {_shown(saved)}); a resumed run may change only {allowed}; "
@@ -252,7 +262,7 @@ class RunFolder:
         changed = [
             key_label(path[:-1], path[-1])
             for path in _differences(stored, configuration)
-            if path not in RESUMABLE and path not in LOCATION
+            if not is_resumable(path) and path not in LOCATION
         ]
         if changed:
             raise UserError(
@@ -268,7 +278,7 @@ class RunFolder:
             f"{'.'.join(path)} {_shown(_value_at(configuration.sections, path))} "
             f"(checkpoint: {_shown(_value_at(saved.sections, path))})"
             for path in _differences(saved, configuration)
-            if path not in RESUMABLE and path not in LOCATION
+            if not is_resumable(path) and path not in LOCATION
         ]
         if changed:
             raise UserError(

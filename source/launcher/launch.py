@@ -1,0 +1,176 @@
+"""Launch a grid where [launcher] says, show its state (--status) or its plan (--dry-run).
+
+Everything is checked before anything is created: the [launcher] section, every comparison
+(entries built once) and every run folder. Runs that finished or diverged already are skipped, so
+launching again (with --resume) starts only what is unfinished. One line per run start and end;
+the results and figures of each comparison are written when its last run has ended.
+"""
+
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from source.errors import UserError
+from source.launcher.grid import build_grid, run_state, write_comparison_results
+from source.launcher.local import child_slots, train_in_children
+from source.launcher.slurm import submit_runs, wait_for_jobs
+
+__all__ = ["FAILED_RUNS_BASE", "check_several", "launch", "plan", "print_plan", "print_status", "runs_in_children"]
+
+FAILED_RUNS_BASE = 10
+"""A grid in which N runs failed exits with FAILED_RUNS_BASE + N (at most MOST_FAILED_STATUS)."""
+MOST_FAILED_STATUS = 99
+DIVERGED_STATUS = 3
+
+
+def runs_in_children(configurations, settings):
+    """Whether the grid goes through the launcher (children or SLURM) rather than this process."""
+    if settings.name == "slurm":
+        return True
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return any(configuration.is_comparison for configuration in configurations) and settings.parallel_runs(gpus) > 1
+
+
+def _say(message):
+    print(message, flush=True)
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """A run of the plan: its number, the run, its state and where it would go."""
+
+    number: int
+    run: object
+    state: object
+    place: str
+
+
+def _slurm_place(settings, run):
+    gpus = settings.gpus_for(run.configuration)
+    parts = [f"SLURM job: {gpus} GPU{'s' if gpus != 1 else ''}", f"{settings.cpus_per_run} CPU per task"]
+    parts.append(f"{settings.time_minutes} min")
+    if settings.memory_gb != "none":
+        parts.append(f"{settings.memory_gb} GB")
+    parts.extend(f"{key} {getattr(settings, key)}" for key in ("partition", "account", "qos", "constraint") if getattr(settings, key))
+    parts.extend(f"--{key.replace('_', '-')}={value}" for key, value in settings.sbatch_options.items())
+    return ", ".join(parts)
+
+
+def plan(grid, settings, parallel):
+    """The ``PlannedRun``s of ``grid``: runs that are done are "skipped"; the others go to a child
+    slot (in turn), this process (``parallel`` False) or a SLURM job."""
+    slots = child_slots(settings, grid.runs) if parallel and settings.name == "local" else None
+    planned, started = [], 0
+    for number, run in enumerate(grid.runs, start=1):
+        state = run_state(run)
+        if state.done:
+            place = f"{state.status} already, skipped"
+        elif settings.name == "slurm":
+            place = _slurm_place(settings, run)
+        elif slots:
+            place = f"child process {started % len(slots) + 1} of {len(slots)}, {slots[started % len(slots)].describe()}"
+        else:
+            place = f"this process, device {run.configuration['experiment']['device']}"
+        started += not state.done
+        planned.append(PlannedRun(number, run, state, place))
+    return planned
+
+
+def print_plan(grid, settings, parallel):
+    """--dry-run: every run, where it would go, and the steps in all and still to train; writes nothing."""
+    planned = plan(grid, settings, parallel)
+    for item in planned:
+        _say(f"[{item.number}/{len(planned)}] {item.run.name}: {item.run.folder.path}, {item.run.total_steps} steps, {item.place}")
+    total = sum(item.run.total_steps for item in planned)
+    left = sum(item.run.total_steps - item.state.step for item in planned if not item.state.done)
+    starting = sum(not item.state.done for item in planned)
+    _say(f"{len(planned)} runs, {total} steps in all; {starting} to start, {left} steps to train (dry run: nothing written)")
+
+
+def _format_validation(state):
+    if state.validation is None or state.validation[1] is None:
+        return "–"
+    quality, value = state.validation
+    return f"{quality} {value:.4f}"
+
+
+def print_status(grid):
+    """--status: each run's state, step and last validation result from its folder; touches nothing."""
+    counts = {}
+    for number, run in enumerate(grid.runs, start=1):
+        state = run_state(run)
+        counts[state.status] = counts.get(state.status, 0) + 1
+        line = (
+            f"[{number}/{len(grid.runs)}] {run.name}: {state.status}, step {state.step}/{state.total}, "
+            f"last validation {_format_validation(state)}, {run.folder.path}"
+        )
+        if state.failure:
+            line += f" ({state.failure})"
+        _say(line)
+    _say(", ".join(f"{count} {status}" for status, count in sorted(counts.items())))
+
+
+def _numbered(grid):
+    return {run: f"[{number}/{len(grid.runs)}] {run.name}" for number, run in enumerate(grid.runs, start=1)}
+
+
+def launch(configurations, settings, *, resume, wait, cluster="slurm"):
+    """Train (or submit) the grid of ``configurations``; return the exit status.
+
+    0: every run finished (or, for SLURM without ``wait``, was submitted); 3: every run diverged;
+    FAILED_RUNS_BASE + N: N runs failed. SIGINT or SIGTERM stops the children with checkpoints and
+    raises ``KeyboardInterrupt``.
+    """
+    grid = build_grid(configurations, resume=resume, check=True)
+    grid.create_folders(resume)
+    names = _numbered(grid)
+    to_start = []
+    for run in grid.runs:
+        state = run_state(run)
+        if state.done:
+            _say(f"{names[run]}: {state.status} already, skipped")
+        else:
+            to_start.append(run)
+
+    def report(run, event, detail):
+        where = f" in {run.folder.path}" if event == "started" else ""
+        _say(f"{names[run]}: {event}{where}" + (f" ({detail})" if detail else ""))
+
+    if settings.name == "slurm":
+        submitted = submit_runs(to_start, settings, cluster=cluster)
+        for run, job in submitted:
+            _say(f"{names[run]}: submitted as job {job.job_id}, {run.folder.path}")
+        if not wait:
+            _say(f"{len(submitted)} jobs submitted; see their state with --status, results are written when the last run ends")
+            return 0
+        ended = wait_for_jobs(submitted, report, cluster=cluster)
+    else:
+        ended = train_in_children(to_start, child_slots(settings, to_start), report)
+    for comparison in grid.comparisons:
+        _files, table = write_comparison_results(comparison.folder)
+        _say(f"\n{table}\nresults and figures: {comparison.folder}")
+    return _exit_status(grid, ended)
+
+
+def _exit_status(grid, ended):
+    failed = [run for run, event in ended.items() if event == "failed"]
+    if failed:
+        print(f"error: {len(failed)} of {len(grid.runs)} runs failed: {'; '.join(run.name for run in failed)}", file=sys.stderr)
+        return min(FAILED_RUNS_BASE + len(failed), MOST_FAILED_STATUS)
+    states = [run_state(run).status for run in grid.runs]
+    if states and all(status == "diverged" for status in states):
+        print("error: every run of the grid diverged; see results.md", file=sys.stderr)
+        return DIVERGED_STATUS
+    return 0
+
+
+def check_several(configurations):
+    """Several configurations launched together must be comparisons; ``UserError`` otherwise."""
+    if len(configurations) > 1:
+        for configuration in configurations:
+            if not configuration.is_comparison:
+                raise UserError(
+                    f"{configuration.source} is a single run; several --config files launched together must be "
+                    "comparisons (with [comparison]): launch it on its own"
+                )
