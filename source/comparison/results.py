@@ -458,10 +458,13 @@ def write_results(entries, out, colours=None):
     write_text_atomically(table, out / MARKDOWN_FILE)
     dataset, model = _dataset_and_model(entries)
     shown = shown_entries(entries)
+    # A run folder may hold only its configuration.txt: a launcher writes it before the run starts.
     try:
         figures = plot_runs(
             [
-                PlottedRun(item.legend, tuple(run.folder / "metrics.jsonl" for run in item.runs.runs) if item.runs else (),
+                PlottedRun(item.legend,
+                           tuple(run.folder / "metrics.jsonl" for run in item.runs.runs if run.records)
+                           if item.runs else (),
                            item.label, colours.get(item.label) if colours else None)
                 for item in shown
             ],  # fmt: skip

@@ -100,8 +100,10 @@ def _parameters(settings, gpus, name):
         "tasks_per_node": max(1, gpus),
         "gpus_per_node": gpus,
         "cpus_per_task": settings.cpus_per_run,
-        "slurm_setup": [f"export PYTHONPATH={REPOSITORY}${{PYTHONPATH:+:$PYTHONPATH}}"],
     }
+    # The job's Python unpickles RunJob: it must find this project wherever the job starts.
+    for cluster in ("slurm", "local"):
+        parameters[f"{cluster}_setup"] = [f"export PYTHONPATH={REPOSITORY}${{PYTHONPATH:+:$PYTHONPATH}}"]
     if settings.memory_gb != "none":
         parameters["mem_gb"] = settings.memory_gb
     for key in ("partition", "account", "qos", "constraint"):

@@ -1,0 +1,267 @@
+"""The launcher: a grid of 8 digits runs trained in child processes (and through submitit's local
+executor) gives the results of one process; a killed launcher leaves no run behind and a relaunch
+finishes the grid exactly; --status and --dry-run; bad [launcher] values."""
+
+import contextlib
+import csv
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import main
+from source.configuration import load_configuration
+from source.launcher import read_launcher
+from source.launcher.launch import launch
+from source.plotting import read_metrics
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+# 4 entries × 2 seeds; 1,150 digits training images / 32 = 35 steps per epoch; evaluations at 6 and 12.
+GRID = """\
+[experiment]
+name = grid
+device = cpu
+cpu_threads = 1
+[data]
+name = digits
+[model]
+name = small_cnn
+[training]
+training_steps = 12
+batch_size = 32
+evaluate_every_steps = 6
+[logging]
+progress_bar = false
+log_every_steps = 3
+tensorboard = false
+[comparison]
+seeds = 0, 1
+    [[lab_pal]]
+    label = LABPAL-NSGD
+    optimizer = lab_pal
+    [[sgd]]
+    label = SGD
+    optimizer = sgd
+        [[[arguments]]]
+        lr = 0.1
+    [[adam]]
+    label = Adam
+    optimizer = adam
+    [[pal]]
+    label = PAL
+    optimizer = pal
+"""
+RUNS = [f"{entry}/seed_{seed}" for entry in ("lab_pal", "sgd", "adam", "pal") for seed in (0, 1)]
+
+
+@dataclass(frozen=True)
+class Trained:
+    """A grid trained in a working folder: its exit status and output."""
+
+    workspace: Path
+    status: int
+    output: str
+
+    @property
+    def folder(self):
+        return self.workspace / "runs" / "grid"
+
+
+def _main(arguments):
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        status = main.main(arguments)
+    return status, output.getvalue()
+
+
+def _train(workspace, *arguments):
+    (workspace / "grid.txt").write_text(GRID)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(workspace)
+        status, output = _main(["--config", "grid.txt", *arguments])
+    return Trained(workspace, status, output)
+
+
+@pytest.fixture(scope="module")
+def in_one_process(tmp_path_factory):
+    """The grid trained in this process, one run after another (parallel = 1)."""
+    return _train(tmp_path_factory.mktemp("one_process"))
+
+
+@pytest.fixture(scope="module")
+def in_children(tmp_path_factory):
+    """The grid trained in two child processes at a time."""
+    return _train(tmp_path_factory.mktemp("children"), "--set", "launcher.parallel=2")
+
+
+def _metrics(folder):
+    """Every run's metric records without their wall-clock times."""
+    return {
+        run: [{key: value for key, value in record.items() if key != "elapsed_seconds"} for record in read_metrics(folder / run / "metrics.jsonl")]
+        for run in RUNS
+    }
+
+
+def _results(folder):
+    """results.csv's rows without the wall time."""
+    with open(folder / "results.csv", newline="") as file:
+        return [{key: value for key, value in row.items() if key != "wall_time_seconds_mean"} for row in csv.DictReader(file)]
+
+
+def _assert_same_results(trained, reference):
+    assert _metrics(trained.folder) == _metrics(reference.folder)
+    rows = _results(trained.folder)
+    assert rows == _results(reference.folder)
+    assert [row["status"] for row in rows] == ["finished"] * 4
+
+
+def test_a_grid_in_two_child_processes_equals_the_grid_in_one_process(in_children, in_one_process):
+    assert (in_one_process.status, in_children.status) == (0, 0)
+    _assert_same_results(in_children, in_one_process)
+    # One line per run start and finish, naming the run folder; no per-run plot folders.
+    for number, run in enumerate(RUNS, start=1):
+        assert f"[{number}/8] " in in_children.output
+        assert f"started in {Path('runs/grid') / run}" in in_children.output
+    assert in_children.output.count(": finished (test accuracy ") == 8
+    assert not (in_children.workspace / "plots").exists()
+    assert (in_children.folder / "validation_accuracy.png").is_file()
+
+
+def _descendants(pid):
+    """The processes whose parent is ``pid``."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[1]) == pid:
+                    children.append(int(entry.name))
+    return children
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="children die with the launcher through Linux's prctl")
+def test_a_launcher_killed_mid_grid_leaves_no_child_and_a_relaunch_equals_an_uninterrupted_grid(tmp_path, in_one_process):
+    (tmp_path / "grid.txt").write_text(GRID)
+    command = [sys.executable, str(REPOSITORY / "main.py"), "--config", "grid.txt", "--set", "launcher.parallel=2"]
+    launcher = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "runs").glob("grid/*/seed_*/last.pt")):
+        assert launcher.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    children = _descendants(launcher.pid)
+    assert children
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2] for pid in children):
+        assert time.monotonic() < deadline, "a child outlived the killed launcher"
+        time.sleep(0.05)
+    relaunched = _train(tmp_path, "--resume", "--set", "launcher.parallel=2")
+    assert relaunched.status == 0
+    _assert_same_results(relaunched, in_one_process)
+
+
+def test_the_grid_through_submitits_local_executor_equals_the_grid_in_one_process(tmp_path, monkeypatch, in_one_process):
+    pytest.importorskip("submitit")
+    (tmp_path / "grid.txt").write_text(GRID)
+    monkeypatch.chdir(tmp_path)
+    configuration = load_configuration("grid.txt", ["launcher.name=slurm"])
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        status = launch([configuration], read_launcher([configuration]), resume=False, wait=True, cluster="local")
+    assert status == 0
+    assert output.getvalue().count("submitted as job ") == 8
+    _assert_same_results(Trained(tmp_path, status, output.getvalue()), in_one_process)
+
+
+def test_status_reads_every_run_from_its_folder(in_children, monkeypatch):
+    monkeypatch.chdir(in_children.workspace)
+    before = sorted(path.stat().st_mtime_ns for path in in_children.folder.rglob("*"))
+    status, output = _main(["--config", "grid.txt", "--status"])
+    assert status == 0
+    lines = output.splitlines()
+    assert lines[0].startswith("[1/8] lab_pal (LABPAL-NSGD) seed 0: finished, step 12/12, last validation accuracy 0.")
+    assert lines[0].endswith(str(Path("runs/grid/lab_pal/seed_0")))
+    assert lines[-1] == "8 finished"
+    assert sorted(path.stat().st_mtime_ns for path in in_children.folder.rglob("*")) == before
+
+
+def test_status_tells_stopped_failed_and_not_started_runs(tmp_path, monkeypatch):
+    (tmp_path / "grid.txt").write_text(GRID)
+    monkeypatch.chdir(tmp_path)
+    assert _main(["--config", "grid.txt", "--stop-after-steps", "9"])[0] == 0
+    (tmp_path / "runs/grid/lab_pal/seed_1/failure.txt").write_text("exit status 1: out of memory\n")
+    status, output = _main(["--config", "grid.txt", "--status"])
+    lines = output.splitlines()
+    assert status == 0
+    assert lines[0].startswith("[1/8] lab_pal (LABPAL-NSGD) seed 0: stopped, step 9/12, last validation accuracy 0.")
+    assert lines[1].startswith("[2/8] lab_pal (LABPAL-NSGD) seed 1: failed, step 0/12")
+    assert lines[1].endswith("(exit status 1: out of memory)")
+    assert lines[2] == f"[3/8] sgd (SGD) seed 0: not started, step 0/12, last validation –, {Path('runs/grid/sgd/seed_0')}"
+    assert lines[-1] == "1 failed, 6 not started, 1 stopped"
+
+
+def test_dry_run_lists_every_run_and_where_it_goes_and_writes_nothing(tmp_path, monkeypatch):
+    (tmp_path / "grid.txt").write_text(GRID)
+    monkeypatch.chdir(tmp_path)
+    status, output = _main(["--config", "grid.txt", "--dry-run", "--set", "launcher.parallel=2"])
+    assert status == 0
+    lines = output.splitlines()
+    assert lines[0] == f"[1/8] lab_pal (LABPAL-NSGD) seed 0: {Path('runs/grid/lab_pal/seed_0')}, 12 steps, child process 1 of 2, CPU, {max(1, os.cpu_count() // 2)} threads"
+    assert lines[1].startswith("[2/8] lab_pal (LABPAL-NSGD) seed 1: ") and "child process 2 of 2" in lines[1]
+    assert lines[-1] == "8 runs, 96 steps in all; 8 to start, 96 steps to train (dry run: nothing written)"
+    status, output = _main(
+        ["--config", "grid.txt", "--dry-run", "--set", "launcher.name=slurm", "--set", "launcher.partition=debug",
+         "--set", "launcher.memory_gb=4", "--set", "launcher.sbatch_options.mail_type=END"]
+    )  # fmt: skip
+    if "submitit" in output or status == 2:
+        pytest.skip("submitit is not installed")
+    assert output.splitlines()[0].endswith(
+        "12 steps, SLURM job: 0 GPUs, 1 CPU per task, 240 min, 4 GB, partition debug, --mail-type=END"
+    )
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["grid.txt"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["launcher.parallel=0"], "--set launcher.parallel=0: [launcher] parallel = '0': expected an integer >= 1 or auto"),
+        (["launcher.name=kubernetes"], "[launcher] name = 'kubernetes': expected one of local, slurm"),
+        (["launcher.sbatch_options.Mail=END"], "'Mail' is not an sbatch option name"),
+        (["launcher.gpus_per_run=-1"], "[launcher] gpus_per_run = '-1': expected an integer >= 0 or auto"),
+    ],
+)
+def test_a_bad_launcher_value_gives_one_line_and_status_2_before_anything_runs(tmp_path, monkeypatch, capsys, overrides, message):
+    (tmp_path / "grid.txt").write_text(GRID)
+    monkeypatch.chdir(tmp_path)
+    assert main.main(["--config", "grid.txt", *(argument for value in overrides for argument in ("--set", value))]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and message in error
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["grid.txt"]
+
+
+def test_slurm_without_submitit_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    (tmp_path / "grid.txt").write_text(GRID)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "submitit", None)
+    assert main.main(["--config", "grid.txt", "--set", "launcher.name=slurm"]) == 2
+    assert capsys.readouterr().err == (
+        "error: --set launcher.name=slurm: [launcher] name = slurm needs the submitit package: pip install submitit\n"
+    )
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["grid.txt"]
+
+
+def test_configurations_launched_together_share_one_launcher(tmp_path, monkeypatch, capsys):
+    (tmp_path / "a.txt").write_text(GRID)
+    (tmp_path / "b.txt").write_text(GRID.replace("name = grid", "name = other").replace("[comparison]", "[launcher]\nparallel = 2\n[comparison]"))
+    monkeypatch.chdir(tmp_path)
+    assert main.main(["--config", "a.txt", "--config", "b.txt"]) == 2
+    assert "b.txt: [launcher] differs from a.txt: [launcher]" in capsys.readouterr().err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a.txt", "b.txt"]
