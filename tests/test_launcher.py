@@ -81,8 +81,10 @@ def _main(arguments):
     return status, output.getvalue()
 
 
-def _train(workspace, *arguments):
-    (workspace / "grid.txt").write_text(GRID)
+def _train(workspace, *arguments, text=GRID):
+    """Train the grid ``text`` with main.py in ``workspace`` (relaunched: grid.txt is there already)."""
+    if not (workspace / "grid.txt").is_file():
+        (workspace / "grid.txt").write_text(text)
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(workspace)
         status, output = _main(["--config", "grid.txt", *arguments])

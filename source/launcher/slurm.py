@@ -144,7 +144,7 @@ def _absolute(folder):
 def _in_queue(job_ids):
     """The ids among ``job_ids`` that SLURM still lists (pending, running, requeued)."""
     result = subprocess.run(
-        ["squeue", "--noheader", "--format=%i", "--jobs", ",".join(job_ids)], capture_output=True, text=True
+        ["squeue", "--noheader", "--array", "--format=%i", "--jobs", ",".join(job_ids)], capture_output=True, text=True
     )
     return {line.strip() for line in result.stdout.splitlines()}
 
