@@ -91,7 +91,10 @@ def first_step_seconds(workspace):
         env=dict(os.environ, OMP_NUM_THREADS="1"),
     )  # fmt: skip
     metrics = run / "metrics.jsonl"
-    while not (metrics.is_file() and any(json.loads(line)["split"] == "training" for line in metrics.read_text().splitlines()[:-1] or [])):
+    while not (
+        metrics.is_file()
+        and any(json.loads(line)["split"] == "training" for line in metrics.read_text().splitlines()[:-1] or [])
+    ):
         if child.poll() is not None:
             break
         time.sleep(0.002)

@@ -106,7 +106,10 @@ def in_children(tmp_path_factory):
 def _metrics(folder):
     """Every run's metric records without their wall-clock times."""
     return {
-        run: [{key: value for key, value in record.items() if key != "elapsed_seconds"} for record in read_metrics(folder / run / "metrics.jsonl")]
+        run: [
+            {key: value for key, value in record.items() if key != "elapsed_seconds"}
+            for record in read_metrics(folder / run / "metrics.jsonl")
+        ]
         for run in RUNS
     }
 
@@ -114,7 +117,10 @@ def _metrics(folder):
 def _results(folder):
     """results.csv's rows without the wall time."""
     with open(folder / "results.csv", newline="") as file:
-        return [{key: value for key, value in row.items() if key != "wall_time_seconds_mean"} for row in csv.DictReader(file)]
+        return [
+            {key: value for key, value in row.items() if key != "wall_time_seconds_mean"}
+            for row in csv.DictReader(file)
+        ]
 
 
 def _assert_same_results(trained, reference):
@@ -149,7 +155,9 @@ def _descendants(pid):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="children die with the launcher through Linux's prctl")
-def test_a_launcher_killed_mid_grid_leaves_no_child_and_a_relaunch_equals_an_uninterrupted_grid(tmp_path, in_one_process):
+def test_a_launcher_killed_mid_grid_leaves_no_child_and_a_relaunch_equals_an_uninterrupted_grid(
+    tmp_path, in_one_process
+):
     (tmp_path / "grid.txt").write_text(GRID)
     command = [sys.executable, str(REPOSITORY / "main.py"), "--config", "grid.txt", "--set", "launcher.parallel=2"]
     launcher = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -162,7 +170,10 @@ def test_a_launcher_killed_mid_grid_leaves_no_child_and_a_relaunch_equals_an_uni
     launcher.send_signal(signal.SIGKILL)
     launcher.wait()
     deadline = time.monotonic() + 10
-    while any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2] for pid in children):
+    while any(
+        Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+        for pid in children
+    ):
         assert time.monotonic() < deadline, "a child outlived the killed launcher"
         time.sleep(0.05)
     relaunched = _train(tmp_path, "--resume", "--set", "launcher.parallel=2")
@@ -170,7 +181,9 @@ def test_a_launcher_killed_mid_grid_leaves_no_child_and_a_relaunch_equals_an_uni
     _assert_same_results(relaunched, in_one_process)
 
 
-def test_the_grid_through_submitits_local_executor_equals_the_grid_in_one_process(tmp_path, monkeypatch, in_one_process):
+def test_the_grid_through_submitits_local_executor_equals_the_grid_in_one_process(
+    tmp_path, monkeypatch, in_one_process
+):
     pytest.importorskip("submitit")
     (tmp_path / "grid.txt").write_text(GRID)
     monkeypatch.chdir(tmp_path)
@@ -199,6 +212,7 @@ def test_status_tells_stopped_failed_and_not_started_runs(tmp_path, monkeypatch)
     (tmp_path / "grid.txt").write_text(GRID)
     monkeypatch.chdir(tmp_path)
     assert _main(["--config", "grid.txt", "--stop-after-steps", "9"])[0] == 0
+    (tmp_path / "runs/grid/lab_pal/seed_1").mkdir()
     (tmp_path / "runs/grid/lab_pal/seed_1/failure.txt").write_text("exit status 1: out of memory\n")
     status, output = _main(["--config", "grid.txt", "--status"])
     lines = output.splitlines()
@@ -206,7 +220,10 @@ def test_status_tells_stopped_failed_and_not_started_runs(tmp_path, monkeypatch)
     assert lines[0].startswith("[1/8] lab_pal (LABPAL-NSGD) seed 0: stopped, step 9/12, last validation accuracy 0.")
     assert lines[1].startswith("[2/8] lab_pal (LABPAL-NSGD) seed 1: failed, step 0/12")
     assert lines[1].endswith("(exit status 1: out of memory)")
-    assert lines[2] == f"[3/8] sgd (SGD) seed 0: not started, step 0/12, last validation –, {Path('runs/grid/sgd/seed_0')}"
+    assert (
+        lines[2]
+        == f"[3/8] sgd (SGD) seed 0: not started, step 0/12, last validation –, {Path('runs/grid/sgd/seed_0')}"
+    )
     assert lines[-1] == "1 failed, 6 not started, 1 stopped"
 
 
@@ -216,7 +233,11 @@ def test_dry_run_lists_every_run_and_where_it_goes_and_writes_nothing(tmp_path, 
     status, output = _main(["--config", "grid.txt", "--dry-run", "--set", "launcher.parallel=2"])
     assert status == 0
     lines = output.splitlines()
-    assert lines[0] == f"[1/8] lab_pal (LABPAL-NSGD) seed 0: {Path('runs/grid/lab_pal/seed_0')}, 12 steps, child process 1 of 2, CPU, {max(1, os.cpu_count() // 2)} threads"
+    assert (
+        lines[0]
+        == f"[1/8] lab_pal (LABPAL-NSGD) seed 0: {Path('runs/grid/lab_pal/seed_0')}, 12 steps, "
+        f"child process 1 of 2, CPU, {max(1, os.cpu_count() // 2)} threads"
+    )
     assert lines[1].startswith("[2/8] lab_pal (LABPAL-NSGD) seed 1: ") and "child process 2 of 2" in lines[1]
     assert lines[-1] == "8 runs, 96 steps in all; 8 to start, 96 steps to train (dry run: nothing written)"
     status, output = _main(
@@ -234,13 +255,18 @@ def test_dry_run_lists_every_run_and_where_it_goes_and_writes_nothing(tmp_path, 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["launcher.parallel=0"], "--set launcher.parallel=0: [launcher] parallel = '0': expected an integer >= 1 or auto"),
+        (
+            ["launcher.parallel=0"],
+            "--set launcher.parallel=0: [launcher] parallel = '0': expected an integer >= 1 or auto",
+        ),
         (["launcher.name=kubernetes"], "[launcher] name = 'kubernetes': expected one of local, slurm"),
         (["launcher.sbatch_options.Mail=END"], "'Mail' is not an sbatch option name"),
         (["launcher.gpus_per_run=-1"], "[launcher] gpus_per_run = '-1': expected an integer >= 0 or auto"),
     ],
 )
-def test_a_bad_launcher_value_gives_one_line_and_status_2_before_anything_runs(tmp_path, monkeypatch, capsys, overrides, message):
+def test_a_bad_launcher_value_gives_one_line_and_status_2_before_anything_runs(
+    tmp_path, monkeypatch, capsys, overrides, message
+):
     (tmp_path / "grid.txt").write_text(GRID)
     monkeypatch.chdir(tmp_path)
     assert main.main(["--config", "grid.txt", *(argument for value in overrides for argument in ("--set", value))]) == 2
@@ -262,7 +288,9 @@ def test_slurm_without_submitit_says_how_to_install_it(tmp_path, monkeypatch, ca
 
 def test_configurations_launched_together_share_one_launcher(tmp_path, monkeypatch, capsys):
     (tmp_path / "a.txt").write_text(GRID)
-    (tmp_path / "b.txt").write_text(GRID.replace("name = grid", "name = other").replace("[comparison]", "[launcher]\nparallel = 2\n[comparison]"))
+    (tmp_path / "b.txt").write_text(
+        GRID.replace("name = grid", "name = other").replace("[comparison]", "[launcher]\nparallel = 2\n[comparison]")
+    )
     monkeypatch.chdir(tmp_path)
     assert main.main(["--config", "a.txt", "--config", "b.txt"]) == 2
     assert "b.txt: [launcher] differs from a.txt: [launcher]" in capsys.readouterr().err

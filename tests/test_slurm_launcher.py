@@ -17,7 +17,9 @@ from tests.test_launcher import GRID, RUNS, Trained, _assert_same_results, _trai
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 # Runs long enough to be caught mid-run: evaluations at 10, 20, 30 and 40.
-LONGER = GRID.replace("training_steps = 12", "training_steps = 40").replace("evaluate_every_steps = 6", "evaluate_every_steps = 10")
+LONGER = GRID.replace("training_steps = 12", "training_steps = 40").replace(
+    "evaluate_every_steps = 6", "evaluate_every_steps = 10"
+)
 
 
 def _idle_node():
@@ -48,7 +50,9 @@ def _requeue_one_running_job(workspace, jobs, deadline):
 def _start_when_pending(job, deadline):
     """SLURM holds a requeued job for two minutes; let it start as soon as it is pending again."""
     while time.monotonic() < deadline:
-        state = subprocess.run(["squeue", "--noheader", "--array", "--format=%T", "--jobs", job], capture_output=True, text=True)
+        state = subprocess.run(
+            ["squeue", "--noheader", "--array", "--format=%T", "--jobs", job], capture_output=True, text=True
+        )
         if state.stdout.strip() == "PENDING":
             subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
             return

@@ -52,7 +52,11 @@ def _slurm_place(settings, run):
     parts.append(f"{settings.time_minutes} min")
     if settings.memory_gb != "none":
         parts.append(f"{settings.memory_gb} GB")
-    parts.extend(f"{key} {getattr(settings, key)}" for key in ("partition", "account", "qos", "constraint") if getattr(settings, key))
+    parts.extend(
+        f"{key} {getattr(settings, key)}"
+        for key in ("partition", "account", "qos", "constraint")
+        if getattr(settings, key)
+    )
     parts.extend(f"--{key.replace('_', '-')}={value}" for key, value in settings.sbatch_options.items())
     return ", ".join(parts)
 
@@ -69,7 +73,9 @@ def plan(grid, settings, parallel):
         elif settings.name == "slurm":
             place = _slurm_place(settings, run)
         elif slots:
-            place = f"child process {started % len(slots) + 1} of {len(slots)}, {slots[started % len(slots)].describe()}"
+            place = (
+                f"child process {started % len(slots) + 1} of {len(slots)}, {slots[started % len(slots)].describe()}"
+            )
         else:
             place = f"this process, device {run.configuration['experiment']['device']}"
         started += not state.done
@@ -81,11 +87,17 @@ def print_plan(grid, settings, parallel):
     """--dry-run: every run, where it would go, and the steps in all and still to train; writes nothing."""
     planned = plan(grid, settings, parallel)
     for item in planned:
-        _say(f"[{item.number}/{len(planned)}] {item.run.name}: {item.run.folder.path}, {item.run.total_steps} steps, {item.place}")
+        _say(
+            f"[{item.number}/{len(planned)}] {item.run.name}: {item.run.folder.path}, "
+            f"{item.run.total_steps} steps, {item.place}"
+        )
     total = sum(item.run.total_steps for item in planned)
     left = sum(item.run.total_steps - item.state.step for item in planned if not item.state.done)
     starting = sum(not item.state.done for item in planned)
-    _say(f"{len(planned)} runs, {total} steps in all; {starting} to start, {left} steps to train (dry run: nothing written)")
+    _say(
+        f"{len(planned)} runs, {total} steps in all; {starting} to start, {left} steps to train "
+        "(dry run: nothing written)"
+    )
 
 
 def _format_validation(state):
@@ -142,7 +154,10 @@ def launch(configurations, settings, *, resume, wait, cluster="slurm"):
         for run, job in submitted:
             _say(f"{names[run]}: submitted as job {job.job_id}, {run.folder.path}")
         if not wait:
-            _say(f"{len(submitted)} jobs submitted; see their state with --status, results are written when the last run ends")
+            _say(
+                f"{len(submitted)} jobs submitted; see their state with --status, results are written when "
+                "the last run ends"
+            )
             return 0
         ended = wait_for_jobs(submitted, report, cluster=cluster)
     else:
@@ -156,7 +171,10 @@ def launch(configurations, settings, *, resume, wait, cluster="slurm"):
 def _exit_status(grid, ended):
     failed = [run for run, event in ended.items() if event == "failed"]
     if failed:
-        print(f"error: {len(failed)} of {len(grid.runs)} runs failed: {'; '.join(run.name for run in failed)}", file=sys.stderr)
+        print(
+            f"error: {len(failed)} of {len(grid.runs)} runs failed: {'; '.join(run.name for run in failed)}",
+            file=sys.stderr,
+        )
         return min(FAILED_RUNS_BASE + len(failed), MOST_FAILED_STATUS)
     states = [run_state(run).status for run in grid.runs]
     if states and all(status == "diverged" for status in states):

@@ -63,9 +63,7 @@ class RunJob:
         failure_path = Path(self.configuration_path).parent / "failure.txt"
         if environment.global_rank == 0:
             failure_path.unlink(missing_ok=True)
-        status = main.main(
-            ["--config", self.configuration_path, "--resume", "--set", "logging.progress_bar=false"]
-        )
+        status = main.main(["--config", self.configuration_path, "--resume", "--set", "logging.progress_bar=false"])
         if preempted and callable(requeue):
             requeue(signal.SIGUSR2, None)  # submitit: calls checkpoint(), requeues the job and exits
         if status in _STOPPED_STATUSES:
@@ -130,7 +128,9 @@ def submit_runs(runs, settings, *, cluster="slurm"):
             run.write_configuration()
         with executor.batch():
             jobs = [
-                executor.submit(RunJob(run.folder.configuration_path.resolve(), _absolute(run.comparison_folder), Path.cwd()))
+                executor.submit(
+                    RunJob(run.folder.configuration_path.resolve(), _absolute(run.comparison_folder), Path.cwd())
+                )
                 for run in group
             ]
         submitted.extend(zip(group, jobs))
