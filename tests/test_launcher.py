@@ -17,9 +17,11 @@ import pytest
 
 import main
 from source.configuration import load_configuration
-from source.launcher import read_launcher
+from source.launcher import GridRun, LauncherSettings, read_launcher
+from source.launcher import local
 from source.launcher.launch import launch
 from source.plotting import read_metrics
+from source.training import RunFolder
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 
@@ -295,3 +297,22 @@ def test_configurations_launched_together_share_one_launcher(tmp_path, monkeypat
     assert main.main(["--config", "a.txt", "--config", "b.txt"]) == 2
     assert "b.txt: [launcher] differs from a.txt: [launcher]" in capsys.readouterr().err
     assert sorted(path.name for path in tmp_path.iterdir()) == ["a.txt", "b.txt"]
+
+
+def test_children_take_the_visible_gpus_in_turn_or_share_the_cores(monkeypatch):
+    def run(device, threads="auto"):
+        configuration = {"experiment": {"device": device, "cpu_threads": threads}}
+        return GridRun("run", configuration, RunFolder(Path("runs/run")), None)
+
+    monkeypatch.setattr(local, "_visible_gpus", lambda: ["3", "5"])
+    slots = local.child_slots(LauncherSettings(parallel="auto", runs_per_device=2), [run("auto")])
+    assert [slot.gpu for slot in slots] == ["3", "5", "3", "5"]
+    assert local._environment(slots[1])["CUDA_VISIBLE_DEVICES"] == "5"
+    assert local._command(run("cuda:1"), slots[1])[-2:] == ["--set", "experiment.device=cuda"]
+    monkeypatch.setattr(local.os, "cpu_count", lambda: 8)
+    slots = local.child_slots(LauncherSettings(parallel=3), [run("cpu")])
+    assert [(slot.gpu, slot.cpu_threads) for slot in slots] == [(None, 2)] * 3
+    assert local._environment(slots[0])["OMP_NUM_THREADS"] == "2"
+    assert local._command(run("cpu"), slots[0])[-2:] == ["--set", "experiment.cpu_threads=2"]
+    assert "experiment.cpu_threads=2" not in local._command(run("cpu", threads=1), slots[0])
+    assert len(local.child_slots(LauncherSettings(parallel="auto"), [run("cpu")])) == 4
