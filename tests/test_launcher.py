@@ -156,6 +156,14 @@ def _descendants(pid):
     return children
 
 
+def _alive(pid):
+    """Whether process ``pid`` exists and is not a zombie waiting for its parent."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="children die with the launcher through Linux's prctl")
 def test_a_launcher_killed_mid_grid_leaves_no_child_and_a_relaunch_equals_an_uninterrupted_grid(
     tmp_path, in_one_process
@@ -172,10 +180,7 @@ def test_a_launcher_killed_mid_grid_leaves_no_child_and_a_relaunch_equals_an_uni
     launcher.send_signal(signal.SIGKILL)
     launcher.wait()
     deadline = time.monotonic() + 10
-    while any(
-        Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
-        for pid in children
-    ):
+    while any(_alive(pid) for pid in children):
         assert time.monotonic() < deadline, "a child outlived the killed launcher"
         time.sleep(0.05)
     relaunched = _train(tmp_path, "--resume", "--set", "launcher.parallel=2")
