@@ -22,6 +22,8 @@ FAILED_RUNS_BASE = 10
 """A grid in which N runs failed exits with FAILED_RUNS_BASE + N (at most MOST_FAILED_STATUS)."""
 MOST_FAILED_STATUS = 99
 DIVERGED_STATUS = 3
+ENDED = ("finished", "diverged", "failed")
+"""Events after which a run will not train again in this launch (a stopped run resumes on the next)."""
 
 
 def runs_in_children(configurations, settings):
@@ -145,10 +147,26 @@ def launch(configurations, settings, *, resume, wait, cluster="slurm"):
         else:
             to_start.append(run)
 
+    # Each comparison's results are written as soon as its last run has ended.
+    unfinished = {comparison.folder: 0 for comparison in grid.comparisons}
+    for run in to_start:
+        unfinished[run.comparison_folder] = unfinished.get(run.comparison_folder, 0) + 1
+
+    def write_results_of(folder):
+        _files, table = write_comparison_results(folder)
+        _say(f"\n{table}\nresults and figures: {folder}\n")
+
     def report(run, event, detail):
         where = f" in {run.folder.path}" if event == "started" else ""
         _say(f"{names[run]}: {event}{where}" + (f" ({detail})" if detail else ""))
+        if event in ENDED and run.comparison_folder is not None:
+            unfinished[run.comparison_folder] -= 1
+            if not unfinished[run.comparison_folder]:
+                write_results_of(run.comparison_folder)
 
+    for comparison in grid.comparisons:
+        if not unfinished[comparison.folder]:
+            write_results_of(comparison.folder)
     if settings.name == "slurm":
         submitted = submit_runs(to_start, settings, cluster=cluster)
         for run, job in submitted:
@@ -162,9 +180,6 @@ def launch(configurations, settings, *, resume, wait, cluster="slurm"):
         ended = wait_for_jobs(submitted, report, cluster=cluster)
     else:
         ended = train_in_children(to_start, child_slots(settings, to_start), report)
-    for comparison in grid.comparisons:
-        _files, table = write_comparison_results(comparison.folder)
-        _say(f"\n{table}\nresults and figures: {comparison.folder}")
     return _exit_status(grid, ended)
 
 
