@@ -1,11 +1,12 @@
 """Wall time of an 8-run digits grid trained one run after another and two at a time, side by side.
 
 The grid: LABPAL-NSGD, LABPAL-SGD, SGD and Adam on scikit-learn's digits with the small CNN,
-two seeds each, ``--steps`` steps a run, the two launchers in alternating rounds. ``parallel = 1`` trains the runs one after another in
+two seeds each, ``--steps`` steps a run. ``parallel = 1`` trains the runs one after another in
 one process with every core; ``parallel = 2`` trains two at a time in child processes with the
-cores divided between them. Both write the same results (the tests check that); the table gives
-the wall time of each and the speed-up, and the time from command to first training step of a
-child run (process start, imports, data, model), which every child pays again.
+cores divided between them; the two alternate in rounds, so that both see the same machine load.
+Both write the same results (the tests check that); the table gives the median wall time of each
+and the speed-up, and the time from command to first training step of a child run (process
+start, imports, data, model), which every child pays again.
 
     python bench/grid_throughput.py                  # 8 runs of 1,500 steps
     python bench/grid_throughput.py --steps 200 --rounds 3
