@@ -264,11 +264,11 @@ def test_dry_run_lists_every_run_and_where_it_goes_and_writes_nothing(tmp_path, 
     [
         (
             ["launcher.parallel=0"],
-            "--set launcher.parallel=0: [launcher] parallel = '0': expected an integer >= 1 or auto",
+            "--set launcher.parallel=0: [launcher] parallel = '0': expected an integer >= 1 and <= 1024 or auto",
         ),
         (["launcher.name=kubernetes"], "[launcher] name = 'kubernetes': expected one of local, slurm"),
         (["launcher.sbatch_options.Mail=END"], "'Mail' is not an sbatch option name"),
-        (["launcher.gpus_per_run=-1"], "[launcher] gpus_per_run = '-1': expected an integer >= 0 or auto"),
+        (["launcher.gpus_per_run=-1"], "[launcher] gpus_per_run = '-1': expected an integer >= 0 and <= 64 or auto"),
     ],
 )
 def test_a_bad_launcher_value_gives_one_line_and_status_2_before_anything_runs(
