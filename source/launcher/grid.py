@@ -6,7 +6,10 @@ written to its run folder before it starts, so it trains and resumes on its own 
 launcher places it. ``run_state`` reads how far a run has come from its folder, touching nothing.
 """
 
+import errno
+import fcntl
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from source.comparison import (
 )
 from source.configuration import load_configuration
 from source.errors import UserError
+from source.files import LOCK_FILE, hold_folder
 from source.training import RunFolder
 from source.training.run_folder import configuration_to_resume
 
@@ -69,8 +73,7 @@ class GridRun:
     def write_configuration(self):
         """Create the run folder with its configuration.txt, unless it has one: the run can then start anywhere."""
         if not self.folder.configuration_path.is_file():
-            self.folder.path.mkdir(parents=True, exist_ok=True)
-            self.folder.write_configuration(self.configuration)
+            self.folder.create(self.configuration).release()
 
 
 @dataclass(frozen=True)
@@ -81,9 +84,9 @@ class Grid:
     comparisons: tuple
 
     def create_folders(self, resume):
-        """Create (or tidy) every comparison folder; runs write theirs when they start."""
-        for comparison in self.comparisons:
-            create_comparison_folder(comparison, resume)
+        """Create (or tidy) every comparison folder and return their locks, held by this process;
+        runs write theirs when they start."""
+        return [create_comparison_folder(comparison, resume) for comparison in self.comparisons]
 
 
 def build_grid(configurations, *, resume, check):
@@ -151,7 +154,7 @@ def _check_distinct_folders(runs):
 
 @dataclass(frozen=True)
 class RunState:
-    """Where a run stands: ``status`` (not started, stopped, failed, diverged, finished), the last
+    """Where a run stands: ``status`` (not started, running, stopped, failed, diverged, finished), the last
     step it logged, its length, its last validation accuracy (or RMSE) and a failure's reason."""
 
     status: str
@@ -200,6 +203,8 @@ def run_state(run):
         return RunState("finished", total, total, validation)
     if progress.diverged:
         return RunState("diverged", step, total, validation)
+    if _is_held(run.folder.path):
+        return RunState("running", step, total, validation)
     if run.failure_path.is_file():
         return RunState("failed", step, total, validation, run.failure_path.read_text(encoding="utf-8").strip())
     if not records and not run.folder.last_checkpoint_path.exists():
@@ -216,6 +221,32 @@ def test_result(run):
     return "no test result"
 
 
-def write_comparison_results(folder):
-    """(Re)write the results table and figures of the comparison in ``folder``; return (files, table)."""
-    return write_results(collect_entries([folder]), folder)
+def _is_held(folder):
+    """Whether a process owns ``folder`` now (holds its lock), asked without writing anything."""
+    try:
+        descriptor = os.open(Path(folder) / LOCK_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as error:
+        return error.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
+    finally:
+        os.close(descriptor)
+    return False
+
+
+RESULTS_WAIT_SECONDS = 60
+"""How long writing a comparison's results waits for another process that holds its folder."""
+
+
+def write_comparison_results(folder, *, held=False):
+    """(Re)write the results table and figures of the comparison in ``folder``; return (files, table).
+
+    Unless this process holds the comparison folder (``held``), it takes the folder's lock first,
+    waiting up to RESULTS_WAIT_SECONDS for another writer (``FolderInUse`` after that).
+    """
+    if held:
+        return write_results(collect_entries([folder]), folder)
+    with hold_folder(folder, what="comparison folder", wait_seconds=RESULTS_WAIT_SECONDS):
+        return write_results(collect_entries([folder]), folder)

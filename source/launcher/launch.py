@@ -137,7 +137,16 @@ def launch(configurations, settings, *, resume, wait, cluster="slurm"):
     raises ``KeyboardInterrupt``.
     """
     grid = build_grid(configurations, resume=resume, check=True)
-    grid.create_folders(resume)
+    locks = grid.create_folders(resume)
+    try:
+        return _launch(grid, settings, locks, wait=wait, cluster=cluster)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _launch(grid, settings, locks, *, wait, cluster):
+    """Start the unfinished runs of ``grid``, whose comparison folders this process holds (``locks``)."""
     names = _numbered(grid)
     to_start = []
     for run in grid.runs:
@@ -153,7 +162,7 @@ def launch(configurations, settings, *, resume, wait, cluster="slurm"):
         unfinished[run.comparison_folder] = unfinished.get(run.comparison_folder, 0) + 1
 
     def write_results_of(folder):
-        _files, table = write_comparison_results(folder)
+        _files, table = write_comparison_results(folder, held=any(lock.held for lock in locks))
         _say(f"\n{table}\nresults and figures: {folder}\n")
 
     def report(run, event, detail):
@@ -169,6 +178,9 @@ def launch(configurations, settings, *, resume, wait, cluster="slurm"):
             write_results_of(comparison.folder)
     if settings.name == "slurm":
         submitted = submit_runs(to_start, settings, cluster=cluster)
+        # The jobs own their runs now; the last one of a comparison writes its results under its lock.
+        for lock in locks:
+            lock.release()
         for run, job in submitted:
             _say(f"{names[run]}: submitted as job {job.job_id}, {run.folder.path}")
         if not wait:

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from source.files import FolderInUse
 from source.launcher.grid import comparison_runs, run_state, test_result, write_comparison_results
 from source.launcher.settings import LAUNCHER, import_submitit
 
@@ -75,7 +76,11 @@ class RunJob:
             failure_path.write_text(message + "\n", encoding="utf-8")
             raise RunFailed(f"{self.configuration_path}: {message}")
         if self.comparison_folder and all(run_state(run).done for run in comparison_runs(self.comparison_folder)):
-            write_comparison_results(Path(self.comparison_folder))
+            try:
+                write_comparison_results(Path(self.comparison_folder))
+            except FolderInUse:
+                pass  # the holder, a launcher waiting with --wait, writes them
+
         return status
 
     def checkpoint(self):
