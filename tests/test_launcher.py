@@ -17,6 +17,7 @@ import pytest
 
 import main
 from source.configuration import load_configuration
+from source.files import hold_folder
 from source.launcher import GridRun, LauncherSettings, read_launcher
 from source.launcher import local
 from source.launcher.launch import launch
@@ -215,7 +216,7 @@ def test_status_reads_every_run_from_its_folder(in_children, monkeypatch):
     assert sorted(path.stat().st_mtime_ns for path in in_children.folder.rglob("*")) == before
 
 
-def test_status_tells_stopped_failed_and_not_started_runs(tmp_path, monkeypatch):
+def test_status_tells_running_stopped_failed_and_not_started_runs(tmp_path, monkeypatch):
     (tmp_path / "grid.txt").write_text(GRID)
     monkeypatch.chdir(tmp_path)
     assert _main(["--config", "grid.txt", "--stop-after-steps", "9"])[0] == 0
@@ -232,6 +233,9 @@ def test_status_tells_stopped_failed_and_not_started_runs(tmp_path, monkeypatch)
         == f"[3/8] sgd (SGD) seed 0: not started, step 0/12, last validation –, {Path('runs/grid/sgd/seed_0')}"
     )
     assert lines[-1] == "1 failed, 6 not started, 1 stopped"
+    with hold_folder(tmp_path / "runs/grid/lab_pal/seed_0"):  # as the process training it would
+        status, output = _main(["--config", "grid.txt", "--status"])
+    assert output.splitlines()[0].startswith("[1/8] lab_pal (LABPAL-NSGD) seed 0: running, step 9/12")
 
 
 def test_dry_run_lists_every_run_and_where_it_goes_and_writes_nothing(tmp_path, monkeypatch):
