@@ -13,22 +13,9 @@ from torch import nn
 
 from source.optimizer.lab_pal import make_batch_closure
 from source.optimizer.sls import Sls
+from tests.conftest import quadratic_problem
 
 # --------------------------------------------------------------------------- problems
-
-
-def quadratic_problem(dimension=5, seed=0):
-    """f(θ) = ½ θᵀAθ − bᵀθ with A positive definite, in float64."""
-    generator = torch.Generator().manual_seed(seed)
-    m = torch.randn(dimension, dimension, generator=generator, dtype=torch.float64)
-    a = m @ m.T / dimension + 0.5 * torch.eye(dimension, dtype=torch.float64)
-    b = torch.randn(dimension, generator=generator, dtype=torch.float64)
-    theta = nn.Parameter(torch.randn(dimension, generator=generator, dtype=torch.float64))
-
-    def loss():
-        return 0.5 * theta @ a @ theta - b @ theta
-
-    return theta, a, b, loss
 
 
 def largest_armijo_step(theta, a, b, first_trial, c, beta):
@@ -95,7 +82,7 @@ def test_every_accepted_step_satisfies_armijo_on_its_batch():
 
 
 def test_accepted_step_is_the_largest_armijo_step_of_the_geometric_sequence():
-    theta, a, b, loss = quadratic_problem(seed=1)
+    theta, a, b, loss = quadratic_problem(dimension=5, seed=1)
     optimizer = Sls([theta], init_step_size=10.0, c=0.2, beta_b=0.7, training_set_size=5, inference_batch_size=1)
     step_size = 10.0
     for _ in range(6):
@@ -112,7 +99,7 @@ def test_accepted_step_is_the_largest_armijo_step_of_the_geometric_sequence():
 
 
 def test_pass_counts_are_one_backward_and_one_forward_per_trial():
-    theta, a, b, loss = quadratic_problem(seed=2)
+    theta, a, b, loss = quadratic_problem(dimension=5, seed=2)
     optimizer = Sls([theta], init_step_size=50.0, training_set_size=4, inference_batch_size=1)
     trials = 0
     for _ in range(4):
@@ -128,7 +115,7 @@ def test_pass_counts_are_one_backward_and_one_forward_per_trial():
 def test_step_size_grows_by_gamma_to_the_one_over_n_while_first_trials_are_accepted(
     training_set_size, inference_batch_size
 ):
-    theta, a, b, loss = quadratic_problem(seed=3)
+    theta, a, b, loss = quadratic_problem(dimension=5, seed=3)
     optimizer = Sls([theta], init_step_size=1e-3, gamma=3.0, training_set_size=training_set_size,
                     inference_batch_size=inference_batch_size)
     n = training_set_size // inference_batch_size
@@ -144,7 +131,7 @@ def test_step_size_grows_by_gamma_to_the_one_over_n_while_first_trials_are_accep
 def test_reset_options_keep_or_restart_the_step_size():
     c, beta = 0.1, 0.9
     for reset_option in (0, 2):
-        theta, a, b, loss = quadratic_problem(seed=4)
+        theta, a, b, loss = quadratic_problem(dimension=5, seed=4)
         optimizer = Sls([theta], init_step_size=20.0, reset_option=reset_option)
         step_size = 20.0
         for _ in range(4):
