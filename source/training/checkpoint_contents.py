@@ -151,7 +151,11 @@ def _check_optimizer_state(state, optimizer, path):
         _refuse(path, "its optimizer state is for other parameters")
     unexpected = sorted({key for group in groups for key in group} - {key for own in own_groups for key in own})
     if unexpected:
-        _refuse(path, f"it holds another optimizer's state (settings {', '.join(unexpected[:3])})")
+        _refuse(
+            path,
+            f"it holds another optimizer's state (settings {', '.join(unexpected[:3])}); "
+            "put the arguments it was started with into its configuration.txt",
+        )
     for number, (group, own) in enumerate(zip(groups, own_groups)):
         settings = {key: value for key, value in own.items() if key != "params"}
         _check_kinds(group, settings, path, f"optimizer setting group {number}")
