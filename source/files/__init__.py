@@ -19,6 +19,7 @@ from source.files.ownership import (
     LocksUnsupported,
     create_owned_folder,
     hold_folder,
+    is_held,
     read_holder,
 )
 
@@ -30,6 +31,7 @@ __all__ = [
     "LocksUnsupported",
     "create_owned_folder",
     "hold_folder",
+    "is_held",
     "open_for_append",
     "read_holder",
     "remove_partial_files",

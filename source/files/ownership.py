@@ -40,6 +40,7 @@ __all__ = [
     "LocksUnsupported",
     "create_owned_folder",
     "hold_folder",
+    "is_held",
     "read_holder",
 ]
 
@@ -178,6 +179,20 @@ class FolderLock:
 def hold_folder(folder, *, what="run folder", wait_seconds=0.0):
     """The acquired ``FolderLock`` of the existing ``folder`` (see ``FolderLock.acquire``)."""
     return FolderLock(folder, what).acquire(wait_seconds)
+
+
+def is_held(folder):
+    """Whether a process owns ``folder`` now (holds its lock), asked without writing anything."""
+    try:
+        descriptor = os.open(Path(folder) / LOCK_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as error:
+        return error.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
+    finally:
+        os.close(descriptor)
 
 
 def read_holder(folder):

@@ -6,10 +6,7 @@ written to its run folder before it starts, so it trains and resumes on its own 
 launcher places it. ``run_state`` reads how far a run has come from its folder, touching nothing.
 """
 
-import errno
-import fcntl
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +20,7 @@ from source.comparison import (
 )
 from source.configuration import load_configuration
 from source.errors import UserError
-from source.files import LOCK_FILE, hold_folder
+from source.files import hold_folder, is_held
 from source.training import RunFolder
 from source.training.run_folder import configuration_to_resume
 
@@ -203,7 +200,7 @@ def run_state(run):
         return RunState("finished", total, total, validation)
     if progress.diverged:
         return RunState("diverged", step, total, validation)
-    if _is_held(run.folder.path):
+    if is_held(run.folder.path):
         return RunState("running", step, total, validation)
     if run.failure_path.is_file():
         return RunState("failed", step, total, validation, run.failure_path.read_text(encoding="utf-8").strip())
@@ -221,18 +218,6 @@ def test_result(run):
     return "no test result"
 
 
-def _is_held(folder):
-    """Whether a process owns ``folder`` now (holds its lock), asked without writing anything."""
-    try:
-        descriptor = os.open(Path(folder) / LOCK_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError as error:
-        return error.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
-    finally:
-        os.close(descriptor)
     return False
 
 
