@@ -74,7 +74,7 @@ def count_synchronisations(trainer, steps):
     """Host synchronisations in ``steps`` training steps without log intervals or evaluations."""
     experiment = trainer.experiment
     batches = experiment.data.training
-    epoch, first = divmod(trainer.step, experiment.steps_per_epoch)
+    epoch, first = divmod(trainer.state.step, experiment.steps_per_epoch)
     recorded = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -84,7 +84,7 @@ def count_synchronisations(trainer, steps):
                 if count == steps:
                     break
                 with trainer._autocast():
-                    trainer._optimize(inputs, targets, key)
+                    experiment.stepper.step(inputs, targets, key)
         finally:
             torch.cuda.set_sync_debug_mode("default")
         recorded = [f"{pathlib.Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]

@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPOSITORY))
 
 from source.configuration import load_configuration  # noqa: E402
 from source.data.sampling import epoch_plan  # noqa: E402
-from source.optimizer import make_batch_closure  # noqa: E402
+from source.optimizer import LineSearch, make_batch_closure  # noqa: E402
 from source.training import RunFolder, Trainer, build_experiment  # noqa: E402
 
 PRESETS = {"LABPAL-NSGD": "cifar10_resnet20_lab_pal_nsgd.txt", "SGD": "cifar10_resnet20_sgd.txt"}
@@ -55,7 +55,7 @@ def bare_loop(experiment):
             rows = slice(batch * batch_size, (batch + 1) * batch_size)
             inputs = normalisation(augmentation(images[plan.indices[rows]], plan.offsets[rows], plan.flips[rows]))
             labels = targets[plan.indices[rows]]
-            if experiment.is_line_search:
+            if isinstance(optimizer, LineSearch):
                 optimizer.step(make_batch_closure(model, loss_function, inputs, labels))
             else:
                 optimizer.zero_grad(set_to_none=True)

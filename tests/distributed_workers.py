@@ -274,7 +274,7 @@ def main_in_rank_dying(_, argv, rank_to_die, after_steps):
 
     def dying(train_step):
         def step(self, *arguments):
-            if self.step == after_steps:
+            if self.state.step == after_steps:
                 os._exit(9)
             return train_step(self, *arguments)
 
@@ -289,7 +289,7 @@ def main_in_rank_signalled(_, argv, rank_to_signal, after_steps):
 
     def signalled(train_step):
         def step(self, *arguments):
-            if self.step == after_steps:
+            if self.state.step == after_steps:
                 os.kill(os.getpid(), signal.SIGTERM)
             return train_step(self, *arguments)
 
@@ -301,14 +301,21 @@ def main_in_rank_signalled(_, argv, rank_to_signal, after_steps):
 def main_in_rank_diverging(_, argv, rank_to_diverge, after_steps):
     """``main.main(argv)``, but the training loss of rank ``rank_to_diverge`` is infinite from ``after_steps`` on."""
 
-    def diverging(optimize):
-        def step(self, *arguments):
-            loss, outputs = optimize(self, *arguments)
-            return (loss * float("inf") if self.step >= after_steps else loss), outputs
+    import dataclasses
 
-        return step
+    import main
+    from source.optimizer.steppers import Stepper
 
-    return _main_with_replaced_method(argv, rank_to_diverge, "_optimize", diverging)
+    if int(os.environ["RANK"]) == rank_to_diverge:
+        original, steps_done = Stepper.step, [0]
+
+        def diverging(self, *arguments, **options):
+            result = original(self, *arguments, **options)
+            steps_done[0] += 1
+            return dataclasses.replace(result, loss=result.loss * float("inf")) if steps_done[0] > after_steps else result
+
+        Stepper.step = diverging
+    return main.main(argv)
 
 
 def main_in_rank_with_full_disk(_, argv, step):

@@ -17,6 +17,7 @@ from source.configuration import (
 from source.configuration.checks import InvalidArgument, check_argument_types, find_refused_argument, parse_free_text
 from source.errors import UserError
 from source.optimizer import LabPal
+from source.optimizer.steppers import stepper_kind
 from source.training.losses import choose_loss
 from source.training.schedules import available_schedules, build_schedule
 
@@ -332,7 +333,7 @@ def test_closure_optimizer_takes_no_schedule():
     model = torch.nn.Linear(2, 1)
     optimizer = LabPal(model.parameters(), buffers=model.buffers(), training_set_size=100, inference_batch_size=10)
     with pytest.raises(UserError, match="sets its own learning rate"):
-        build_schedule("StepLR", optimizer, {"step_size": 5}, 10)
+        build_schedule("StepLR", optimizer, {"step_size": 5}, 10, follows_schedule=stepper_kind(optimizer).follows_schedule)
 
 
 def test_losses_follow_the_task():

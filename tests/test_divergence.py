@@ -18,6 +18,7 @@ from source.configuration import load_configuration
 from source.plotting import read_metrics
 from source.training import RunFolder, runner
 from source.training.checkpoints import load_checkpoint, non_finite_entry
+from source.training.run_state import RunState
 from source.training.trainer import DivergenceWatch, Trainer
 from tests.tiny_run import tiny_with
 
@@ -39,13 +40,14 @@ def _inject(monkeypatch, extra):
 
     def build_with_fault(configuration, distributed=None):
         experiment = build(configuration, distributed)
-        loss_function, model, calls = experiment.loss_function, experiment.model, itertools.count(1)
+        stepper, model, calls = experiment.stepper, experiment.model, itertools.count(1)
+        loss_function = stepper.loss_function
 
         def faulty_loss(outputs, targets, *arguments, **keywords):
             loss = loss_function(outputs, targets, *arguments, **keywords)
             return loss + extra(next(calls), loss.detach()) if model.training else loss
 
-        experiment.loss_function = faulty_loss
+        stepper.loss_function = faulty_loss
         return experiment
 
     monkeypatch.setattr(runner, "build_experiment", build_with_fault)
@@ -142,11 +144,11 @@ def test_lab_pal_skipping_every_update_ends_as_diverged(workspace, monkeypatch):
 
 
 def test_a_non_finite_validation_never_becomes_best():
-    trainer = SimpleNamespace(best=None, quality="accuracy", higher_is_better=True)
+    trainer = SimpleNamespace(state=RunState(), quality="accuracy", higher_is_better=True)
     assert not Trainer._is_better(trainer, {"loss": math.nan, "accuracy": 0.1})
     assert not Trainer._is_better(trainer, {"loss": math.inf, "accuracy": 0.1})
     assert Trainer._is_better(trainer, {"loss": 2.0, "accuracy": 0.1})
-    trainer.best = {"step": 10, "validation": {"loss": 2.0, "accuracy": 0.1}}
+    trainer.state.best = {"step": 10, "validation": {"loss": 2.0, "accuracy": 0.1}}
     assert not Trainer._is_better(trainer, {"loss": math.nan, "accuracy": 0.9})
 
 

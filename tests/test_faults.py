@@ -147,7 +147,7 @@ def _locking_script(method, target):
         original = trainer.Trainer.{method}
 
         def locked(self, *arguments):
-            if self.step >= 20:
+            if self.state.step >= 20:
                 Path({target!r}).mkdir(parents=True, exist_ok=True)
                 os.chmod({target!r}, 0o555)
             return original(self, *arguments)
@@ -228,7 +228,7 @@ def _signalled_at(monkeypatch, owner, name, condition=lambda self: True):
 
 def test_sigterm_in_the_final_evaluation_stops_before_the_test_and_the_resume_tests(workspace, monkeypatch, capsys):
     with monkeypatch.context() as patch:
-        _signalled_at(patch, trainer.Trainer, "_evaluate_and_checkpoint", lambda self: self.step == 24)
+        _signalled_at(patch, trainer.Trainer, "_evaluate_and_checkpoint", lambda self: self.state.step == 24)
         assert main.main(ARGUMENTS) == 143
     output = capsys.readouterr().out
     assert "stopped at step 24 of 24, before the test; continue with --resume" in output

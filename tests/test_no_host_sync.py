@@ -50,7 +50,7 @@ def test_training_steps_between_log_intervals_read_nothing_on_the_host(workspace
         _refuse_reads(patches)
         for inputs, targets, key in itertools.islice(batches, 15):
             trainer._train_step(inputs, targets, key, _NoBar())
-    assert trainer.step == 27
+    assert trainer.state.step == 27
     trainer.close()
 
 

@@ -12,7 +12,7 @@ import torch
 from ..configuration.checks import InvalidArgument, check_argument_types, find_refused_argument
 from ..errors import UserError
 from .gols_i import GolsI
-from .lab_pal import LabPal, make_batch_closure
+from .lab_pal import LabPal, make_batch_closure, noise_adaptation_factor
 from .line_search import MEAN_LOSS, SAMPLE_LOSSES, LineSearch, LineSearchBase
 from .pal import Pal
 from .pls import Pls
@@ -71,13 +71,15 @@ def build_optimizer(
     training_set_size: int,
     inference_batch_size: int,
     process_group=None,
+    training_steps: int | None = None,
 ) -> torch.optim.Optimizer:
     """Build optimizer ``name`` for ``model`` with the user's ``arguments``.
 
     Classes that take them also get the model's buffers, the training-set and inference-batch
     sizes and the ``process_group`` of a run in several processes. A line search that takes no
-    process group is refused in such a run: its processes would measure different lines. A problem with one argument (unknown, of the wrong type, or refused by
-    the class) raises ``InvalidArgument`` naming it.
+    process group is refused in such a run: its processes would measure different lines. A problem
+    with one argument (unknown, of the wrong type, or refused by the class, or a LABPAL training
+    batch longer than a run of ``training_steps``) raises ``InvalidArgument`` naming it.
     """
     optimizer_class = _optimizer_class(name)
     accepted = accepted_arguments(name)
@@ -112,7 +114,7 @@ def build_optimizer(
         return optimizer_class(parameters, **arguments, **automatic)
 
     try:
-        return build(model.parameters(), arguments, model.buffers())
+        optimizer = build(model.parameters(), arguments, model.buffers())
     except (ValueError, TypeError) as error:
         reason = " ".join(str(error).split())
         # Trial builds over one throwaway tensor find the argument the class refuses.
@@ -122,6 +124,28 @@ def build_optimizer(
         if culprit is None:
             raise UserError(f"optimizer {name!r}: {reason}") from None
         raise InvalidArgument(culprit, f"optimizer {name!r} refuses argument {culprit}: {reason}") from None
+    if isinstance(optimizer, LabPal) and training_steps is not None:
+        _check_batch_multipliers(optimizer, training_steps)
+    return optimizer
+
+
+def _check_batch_multipliers(optimizer: LabPal, training_steps: int) -> None:
+    """``InvalidArgument`` for a LABPAL batch-size multiplier whose training batch is longer than the run.
+
+    A training batch of k inference batches takes k steps: with k above ``training_steps`` LABPAL
+    gathers without ever updating, and the run would end untrained as if it had finished.
+    """
+    group = optimizer.param_groups[0]
+    factor = noise_adaptation_factor(group["training_set_size"], group["inference_batch_size"])
+    for (step, given), (_, multiplier) in zip(group["batch_size_schedule"], optimizer.scaled_batch_size_schedule):
+        if step < training_steps and multiplier > training_steps:
+            raise InvalidArgument(
+                "batch_size_schedule",
+                f"argument batch_size_schedule: its multiplier {given} at step {step} (times the noise adaptation "
+                f"factor {factor:.4g}: {multiplier}) makes training batches of {multiplier} steps, longer than the "
+                f"run's {training_steps} training steps, so LABPAL would never update; choose multipliers k with "
+                f"k × {factor:.4g} at most {training_steps}",
+            )
 
 
 def _optimizer_class(name: str) -> type[torch.optim.Optimizer]:

@@ -60,9 +60,19 @@ class LineSearch(Protocol):
     ``learning_rate``, and ``step_size`` where the method has one), which plots mark on the
     learning-rate curve, and ``"failure"`` (a search that gave no usable step: key ``reason``, a
     short sentence), which the run's log prints.
+
+    Capabilities: ``supports_compiled_model`` says whether the closure may call a
+    ``torch.compile``-d model; ``holds_partial_sums`` whether the state now holds sums of a batch
+    that only this process has seen (then a checkpoint would not resume the other processes).
+    A line search that takes a ``process_group`` makes its own collectives in a run of several
+    processes; one that does not is refused there.
     """
 
     closure_loss: ClassVar[str]
+    supports_compiled_model: ClassVar[bool]
+
+    @property
+    def holds_partial_sums(self) -> bool: ...
 
     def step(self, closure) -> torch.Tensor: ...
 

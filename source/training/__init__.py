@@ -6,8 +6,9 @@ building, data order, evaluation, checkpoints, metric logs, run folder, schedule
 
 from source.training.experiment import Experiment, build_experiment, build_optimizer_and_schedule
 from source.training.run_folder import RunFolder
+from source.training.run_state import RunOutcome
 from source.training.runner import run_experiment
-from source.training.trainer import RunOutcome, Trainer
+from source.training.trainer import Trainer
 
 __all__ = [
     "Experiment",

@@ -15,12 +15,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from source.configuration.checks import InvalidArgument
 from source.data import build_datasets, build_pipelines
 from source.errors import UserError
 from source.models import build_model
-from source.optimizer import LabPal, LineSearch, build_optimizer
-from source.optimizer.lab_pal import noise_adaptation_factor
+from source.optimizer import build_optimizer
+from source.optimizer.steppers import Stepper, stepper_kind
 from source.training.losses import choose_loss
 from source.training.distributed import Distributed, check_batch_size, process_device
 from source.training.schedules import build_schedule
@@ -69,11 +68,12 @@ class TrainingSettings:
 class Experiment:
     """Everything a training run needs, built and placed on its device.
 
-    ``model`` is the module whose state is saved; ``network`` is what training forward passes call:
-    the model itself, its DistributedDataParallel wrapper (plain optimizers in several processes),
-    or the ``torch.compile`` wrapper of either. Line searches always see the unwrapped model: they
-    make their own collectives. ``data`` holds this process's training, validation and test batches
-    (source.data.DataPipelines); ``distributed`` its place among the run's processes.
+    ``model`` is the module whose state is saved; ``network`` is what forward passes call: the
+    model itself, its DistributedDataParallel wrapper (optimizers whose gradients it averages, in
+    several processes), or the ``torch.compile`` wrapper of either. ``stepper`` performs the
+    training steps of ``optimizer`` and ``schedule``. ``data`` holds this process's training,
+    validation and test batches (source.data.DataPipelines); ``distributed`` its place among the
+    run's processes.
     """
 
     configuration: object
@@ -86,13 +86,9 @@ class Experiment:
     loss_function: object
     optimizer: torch.optim.Optimizer
     schedule: object
+    stepper: Stepper
     steps_per_epoch: int
     settings: TrainingSettings
-
-    @property
-    def is_line_search(self):
-        """Whether the optimizer evaluates the batches itself through closures (``LineSearch``)."""
-        return isinstance(self.optimizer, LineSearch)
 
 
 def single_process(configuration):
@@ -141,38 +137,18 @@ def _autocast_dtype(configuration):
     return torch.bfloat16 if configuration["experiment"]["autocast"] == _BFLOAT16 else None
 
 
-def _check_batch_multipliers(optimizer, training_steps):
-    """``InvalidArgument`` for a LABPAL batch-size multiplier whose training batch is longer than the run.
-
-    A training batch of k inference batches takes k steps: with k above ``training_steps`` LABPAL
-    gathers without ever updating, and the run would end untrained as if it had finished.
-    """
-    if not isinstance(optimizer, LabPal):
-        return
-    group = optimizer.param_groups[0]
-    factor = noise_adaptation_factor(group["training_set_size"], group["inference_batch_size"])
-    for (step, given), (_, multiplier) in zip(group["batch_size_schedule"], optimizer.scaled_batch_size_schedule):
-        if step < training_steps and multiplier > training_steps:
-            raise InvalidArgument(
-                "batch_size_schedule",
-                f"argument batch_size_schedule: its multiplier {given} at step {step} (times the noise adaptation "
-                f"factor {factor:.4g}: {multiplier}) makes training batches of {multiplier} steps, longer than the "
-                f"run's {training_steps} training steps, so LABPAL would never update; choose multipliers k with "
-                f"k × {factor:.4g} at most {training_steps}",
-            )
-
-
 def _network(configuration, model, optimizer, distributed):
-    """What training forward passes call: DDP for plain optimizers in several processes, compiled
-    when experiment.compile is true."""
+    """What forward passes call: DDP in several processes where it averages the optimizer's
+    gradients, compiled when experiment.compile is true."""
+    kind = stepper_kind(optimizer)
     network = model
-    if distributed.is_distributed and not isinstance(optimizer, LineSearch):
+    if distributed.is_distributed and kind.averages_gradients_through_network:
         device_ids = [distributed.device] if distributed.device.type == "cuda" else None
         # Per-process BatchNorm statistics, as the issue of plain DDP; averaged before evaluations.
         network = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
     if not configuration["experiment"]["compile"]:
         return network
-    if not getattr(optimizer, "supports_compiled_model", True):
+    if not kind.supports_compiled_model(optimizer):
         raise UserError(
             f"{configuration.where('experiment', 'compile')}: {configuration['optimizer']['name']} computes "
             "per-sample gradients of the plain model, which a compiled model does not offer; set it to false"
@@ -208,12 +184,16 @@ def build_optimizer_and_schedule(configuration, model, training_set_size, proces
             training_set_size=training_set_size,
             inference_batch_size=training["batch_size"],
             process_group=process_group,
+            training_steps=training["training_steps"],
         )
-        _check_batch_multipliers(optimizer, training["training_steps"])
     schedule_section = configuration["schedule"]
     with configuration.blame("schedule"):
         schedule = build_schedule(
-            schedule_section["name"], optimizer, dict(schedule_section["arguments"]), training["training_steps"]
+            schedule_section["name"],
+            optimizer,
+            dict(schedule_section["arguments"]),
+            training["training_steps"],
+            follows_schedule=stepper_kind(optimizer).follows_schedule,
         )
     return optimizer, schedule
 
@@ -286,6 +266,16 @@ def build_experiment(configuration, distributed=None):
         progress_bar=logging["progress_bar"],
         autocast=autocast,
     )
+    stepper = stepper_kind(optimizer)(
+        optimizer,
+        schedule,
+        network,
+        loss_function,
+        batch_size=training["batch_size"],
+        batches=pipelines.training,
+        device=device,
+        guard=distributed.guard,
+    )
     return Experiment(
         configuration=configuration,
         distributed=distributed,
@@ -297,6 +287,7 @@ def build_experiment(configuration, distributed=None):
         loss_function=loss_function,
         optimizer=optimizer,
         schedule=schedule,
+        stepper=stepper,
         steps_per_epoch=steps_per_epoch,
         settings=settings,
     )

@@ -16,40 +16,15 @@ or resumes the same run stops with one line naming the owner.
 import contextlib
 
 from source.errors import UserError, WriteFailed
-from source.training.checkpoint_contents import check_best_checkpoint, check_last_checkpoint
+from source.training.checkpoint_contents import check_best_checkpoint
 from source.training.checkpoints import previous_path, read_checkpoint, remove_partial_files, save_atomically
 from source.training.evaluation import quality_metric
 from source.training.experiment import build_experiment, single_process
 from source.training.run_folder import RunFolder, configuration_record
-from source.training.trainer import BEST_KEYS, RunOutcome, Trainer, initial_loop_states, say
+from source.training.run_state import BEST_KEYS, RunState, read_last_checkpoint
+from source.training.trainer import Trainer, initial_loop_states, say
 
-__all__ = ["LAST_KEYS", "run_experiment"]
-
-LAST_KEYS = (
-    "step",
-    "model",
-    "optimizer",
-    "schedule",
-    "random_state",
-    "best",
-    "training_window",
-    "evaluation_interval",
-    "metrics_offset",
-    "elapsed_seconds",
-    "finished",
-    "test",
-)
-"""What last.pt holds (besides the divergence counters and mark, which older checkpoints lack)."""
-
-
-def _check_last(path, experiment):
-    """last.pt (or last.previous.pt) read and checked against ``experiment``; ``UserError`` when it does not fit."""
-    checkpoint = read_checkpoint(path, LAST_KEYS)
-    quality, _ = quality_metric(experiment.splits.task)
-    check_last_checkpoint(checkpoint, experiment, initial_loop_states(experiment), quality, path)
-    if not isinstance(checkpoint.get("configuration", {}), (dict, type(None))):
-        raise UserError(f"cannot use the checkpoint {path}: its record of the run's configuration is damaged")
-    return checkpoint
+__all__ = ["run_experiment"]
 
 
 def _last_checkpoint(folder, experiment, repairs):
@@ -64,7 +39,7 @@ def _last_checkpoint(folder, experiment, repairs):
         if not path.exists():
             continue
         try:
-            checkpoint = _check_last(path, experiment)
+            checkpoint = read_last_checkpoint(path, experiment, initial_loop_states(experiment))
         except UserError as error:
             problem = problem or error
             continue
@@ -116,17 +91,6 @@ def _check_best(folder, checkpoint, model, quality, repairs):
     raise UserError(
         f"cannot resume {folder.path}: its best checkpoint (step {wanted}) is lost: {path} {found}; "
         "start the run again under another name"
-    )
-
-
-def _diverged_outcome(checkpoint):
-    return RunOutcome(
-        step=checkpoint["step"],
-        finished=False,
-        test=None,
-        best_step=checkpoint["best"]["step"] if checkpoint["best"] else None,
-        best_validation=checkpoint["best"]["validation"] if checkpoint["best"] else None,
-        diverged=checkpoint["diverged"]["reason"],
     )
 
 
@@ -200,7 +164,7 @@ def _run_in_folder(folder, configuration, resume, stop_after_steps, distributed,
         say(experiment.data.note)
     checkpoint = distributed.on_main(lambda: _prepare_folder(folder, experiment, configuration, resume, locks))
     if checkpoint is not None and checkpoint.get("diverged"):
-        return _diverged_outcome(checkpoint)
+        return RunState.from_dict(checkpoint).outcome()
     trainer = None
     record = configuration_record(configuration)
     try:

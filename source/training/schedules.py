@@ -13,7 +13,6 @@ from torch.optim import lr_scheduler
 
 from source.configuration.checks import InvalidArgument, check_argument_types, did_you_mean, find_refused_argument
 from source.errors import UserError
-from source.optimizer import LineSearch
 
 __all__ = ["NO_SCHEDULE", "accepted_schedule_arguments", "available_schedules", "build_schedule"]
 
@@ -80,19 +79,19 @@ def _rehearse(schedule_class, optimizer, arguments, training_steps):
     return None
 
 
-def build_schedule(name, optimizer, arguments, training_steps):
+def build_schedule(name, optimizer, arguments, training_steps, *, follows_schedule=True):
     """Build schedule ``name`` for ``optimizer`` with ``arguments``; None for "none".
 
     Unknown, missing or mistyped arguments, values the class rejects, and schedules that fail
     within ``training_steps`` steps raise ``UserError`` (an ``InvalidArgument`` where one argument
-    is to blame) saying what the class accepts. A line search such as LABPAL sets its own learning
-    rate and takes no schedule.
+    is to blame) saying what the class accepts. An optimizer that does not ``follows_schedule``
+    (a line search such as LABPAL) sets its own learning rate and takes no schedule.
     """
     if name == NO_SCHEDULE:
         if arguments:
             raise UserError(f"arguments {', '.join(arguments)} given, but the schedule is none")
         return None
-    if isinstance(optimizer, LineSearch):
+    if not follows_schedule:
         raise UserError(
             f"{type(optimizer).__name__} sets its own learning rate; use name = none instead of {name}"
         )

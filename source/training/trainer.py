@@ -11,19 +11,15 @@ The trainer takes its batches from the experiment's data pipelines (source.data)
 settings from ``experiment.settings``; it does not read the configuration. Its training step never
 waits for the device: losses, metrics and the divergence streak stay there until a log interval.
 
-Optimizers come in two kinds. Line searches (``source.optimizer.LineSearch``: LABPAL, PAL, SLS,
-GOLS-I, PLS) get a forward-only closure over the batch, which names the batch by its pipeline key
-so that a replayed batch is loaded again rather than kept, and do everything else; the trainer
-reads the training outputs from ``closure.outputs``, their numbers from ``log_values()`` at log
-intervals and their measurements and failures from ``take_events()`` after every step. Plain
-torch.optim optimizers get zero_grad, forward, backward, step, and then the schedule steps once
-per training step; they make one forward and one backward pass per step.
+The trainer knows no optimizer by kind: the experiment's stepper (source/optimizer/steppers.py)
+performs each training step, optimizer and schedule together, and reports the optimizer's
+numbers at log intervals and its measurements and failures after every step.
 
 In several processes (torchrun) every process runs this loop on its share of each batch. Only
 rank 0 writes the metrics, event files and checkpoints and prints; training and evaluation
 metrics are summed across processes before they are logged; BatchNorm statistics are averaged
 before every evaluation and checkpoint; a stop request or a divergence on any process is agreed
-on at the next log interval, and a checkpoint is written only where LABPAL holds no partial
+on at the next log interval, and a checkpoint is written only where the optimizer holds no partial
 sums of a training batch (``holds_partial_sums``), so every process resumes from rank 0's state.
 
 A run diverges when its training loss is not finite (or, with ``divergence_loss_factor``, above
@@ -34,18 +30,17 @@ result never becomes the best checkpoint.
 """
 
 import contextlib
+import dataclasses
 import math
 import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
 from source.errors import UserError
-from source.optimizer import make_batch_closure
 from source.training.checkpoints import (
     capture_random_state,
     non_finite_entry,
@@ -54,30 +49,10 @@ from source.training.checkpoints import (
     save_checkpoint,
 )
 from source.training.evaluation import RunningMetrics, evaluate, quality_metric
-from source.training.losses import with_reduction
 from source.training.metrics_log import MetricsLog
+from source.training.run_state import BEST_KEYS, RunState
 
-__all__ = ["BEST_KEYS", "Aborted", "DivergenceWatch", "RunOutcome", "Trainer", "initial_loop_states"]
-
-BEST_KEYS = ("step", "model", "validation")
-"""What best.pt holds."""
-
-
-@dataclass(frozen=True)
-class RunOutcome:
-    """How a run ended: at which step, whether it finished, its test result, and why it stopped early.
-
-    ``diverged`` is the message of a run that diverged; ``stopped_by_signal`` the number of the
-    signal (SIGINT, SIGTERM) that stopped an unfinished run.
-    """
-
-    step: int
-    finished: bool
-    test: dict | None
-    best_step: int | None
-    best_validation: dict | None
-    diverged: str | None = None
-    stopped_by_signal: int | None = None
+__all__ = ["Aborted", "DivergenceWatch", "Trainer", "initial_loop_states"]
 
 
 class Aborted(KeyboardInterrupt):
@@ -189,6 +164,66 @@ class _NoLog:
         pass
 
 
+class StopRequest:
+    """Ctrl-C or SIGTERM in the training loop: finish the current step, save a checkpoint, stop.
+
+    ``requested`` once a signal came (``signal_number``); a second one, or one once ``at_once`` is
+    set (after the loop: the test, the figures), aborts at once.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self.signal_number = None
+        self.at_once = False
+
+    @contextlib.contextmanager
+    def on_signals(self):
+        """Inside, SIGINT and SIGTERM request the stop (in the main thread; elsewhere nothing changes)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        signals = (signal.SIGINT, signal.SIGTERM)
+        previous = {number: signal.getsignal(number) for number in signals}
+
+        def request_stop(number, frame):
+            if self.requested or self.at_once:
+                raise Aborted(number)
+            self.requested = True
+            self.signal_number = number
+            say("stopping after this step and saving a checkpoint (again to abort at once)")
+
+        for number in signals:
+            signal.signal(number, request_stop)
+        try:
+            yield
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+
+
+def floating_buffers(model):
+    """The model's floating-point buffers: BatchNorm statistics, which each process keeps its own of."""
+    return [buffer for buffer in model.buffers() if buffer.is_floating_point()]
+
+
+@contextlib.contextmanager
+def averaged_buffers(model, distributed):
+    """Inside, every process holds the mean of the processes' BatchNorm statistics, so all evaluate
+    and save one model; afterwards each its own again, so training goes on as if nothing happened.
+    Yields this process's own buffers (None in a run of one process, which has nothing to average)."""
+    if not distributed.is_distributed:
+        yield None
+        return
+    buffers = floating_buffers(model)
+    own = [buffer.clone() for buffer in buffers]
+    distributed.mean_tensors(buffers)
+    try:
+        yield own
+    finally:
+        for buffer, saved in zip(buffers, own):
+            buffer.copy_(saved)
+
+
 class Trainer:
     """Trains one experiment in its run folder, from step 0 or from a checkpoint's state.
 
@@ -211,18 +246,12 @@ class Trainer:
         self.interval = RunningMetrics(splits.task, splits.target_scale, device)
         self.evaluation = RunningMetrics(splits.task, splits.target_scale, device)
         self.quality, self.higher_is_better = quality_metric(splits.task)
-        self.step = 0
+        self.state = RunState()
         self.steps_this_session = 0
-        self.best = None
-        self.finished = False
-        self.test = None
-        self.elapsed_before = 0.0
-        self.stop_requested = False
+        self._elapsed_before = 0.0
+        self.stop = StopRequest()
         self.stop_agreed = False
-        self._signal_stops_at_once = False
         self._evaluation_due = False
-        self.stop_signal = None
-        self.diverged = None
         self.divergence = DivergenceWatch(settings.divergence_steps, settings.divergence_loss_factor, device)
         # The step of the newest checkpoint in the run folder (None: none yet).
         self.checkpointed_step = None
@@ -250,101 +279,79 @@ class Trainer:
         log interval or evaluation, keeping its last good checkpoint.
         """
         total = self.settings.training_steps
-        if self.finished and self.step == total:
-            say(f"{self.run_folder.path} finished at step {self.step} already; nothing to train")
+        if self.state.finished and self.state.step == total:
+            say(f"{self.run_folder.path} finished at step {self.state.step} already; nothing to train")
             return self.outcome()
-        self.finished, self.test = False, None
-        stop_at = total if stop_after_steps is None else min(total, self.step + stop_after_steps)
+        self.state.finished, self.state.test = False, None
+        stop_at = total if stop_after_steps is None else min(total, self.state.step + stop_after_steps)
         steps_per_epoch = self.experiment.steps_per_epoch
         batches = self.experiment.data.training
         self.experiment.model.train()
-        with self._stop_on_signals():
+        with self.stop.on_signals():
             with self._progress_bar(total) as bar:
-                while self.step < stop_at and not self._stopping():
-                    epoch, batch_in_epoch = divmod(self.step, steps_per_epoch)
+                while self.state.step < stop_at and not self._stopping():
+                    epoch, batch_in_epoch = divmod(self.state.step, steps_per_epoch)
                     for inputs, targets, key in batches.epoch(epoch, batch_in_epoch):
                         self._train_step(inputs, targets, key, bar)
-                        if self.step >= stop_at or self._stopping():
+                        if self.state.step >= stop_at or self._stopping():
                             break
             # From here on a signal stops at once: the checkpoint of the last step is written already
             # or is being written atomically, and a resume continues from it (and tests).
-            self._signal_stops_at_once = True
+            self.stop.at_once = True
             # A signal during the last steps' evaluation is honoured too: no test, exit 128 + N.
-            stop = self.distributed.any_rank(self.stop_requested)
+            stop = self.distributed.any_rank(self.stop.requested)
             # The steps since the last log interval or evaluation may have diverged too.
-            if self.diverged is None and not self._check_divergence():
-                if self.step < total or stop:
-                    if self.checkpointed_step == self.step or self._save_last_checkpoint() is not None:
-                        before_test = ", before the test" if self.step == total else ""
-                        say(f"stopped at step {self.step} of {total}{before_test}; continue with --resume")
+            if self.state.diverged is None and not self._check_divergence():
+                if self.state.step < total or stop:
+                    if self.checkpointed_step == self.state.step or self._save_last_checkpoint() is not None:
+                        before_test = ", before the test" if self.state.step == total else ""
+                        say(f"stopped at step {self.state.step} of {total}{before_test}; continue with --resume")
                 else:
                     self._test_best_checkpoint()
             self.log.flush()
         return self.outcome()
 
     def _stopping(self):
-        if self.diverged is not None:
+        if self.state.diverged is not None:
             return True
         if not self.distributed.is_distributed:
-            return self.stop_requested
+            return self.stop.requested
         return self.stop_agreed and self._can_checkpoint()
 
     def _can_checkpoint(self):
-        """Whether a checkpoint now resumes every process: not inside LABPAL's partial sums of a batch."""
-        return not (self.distributed.is_distributed and getattr(self.experiment.optimizer, "holds_partial_sums", False))
+        """Whether a checkpoint now resumes every process: not inside the optimizer's partial sums of a batch."""
+        return not (self.distributed.is_distributed and self.experiment.stepper.holds_partial_sums)
 
     def _train_step(self, inputs, targets, key, bar):
-        experiment, settings = self.experiment, self.settings
-        log_now = (self.step + 1) % settings.log_every_steps == 0
-        evaluate_now = (self.step + 1) % settings.evaluate_every_steps == 0 or (self.step + 1 == settings.training_steps)
+        stepper, settings = self.experiment.stepper, self.settings
+        log_now = (self.state.step + 1) % settings.log_every_steps == 0
+        evaluate_now = (
+            (self.state.step + 1) % settings.evaluate_every_steps == 0 or self.state.step + 1 == settings.training_steps
+        )
         with self._autocast():
-            loss, outputs = self._optimize(inputs, targets, key)
-        # What this step used, read before a schedule moves the learning rate on for the next step.
-        optimizer_values = self._optimizer_values(self.step + 1) if log_now else None
-        if experiment.schedule is not None:
-            experiment.schedule.step()
+            result = stepper.step(inputs, targets, key, report_as_step=self.state.step + 1 if log_now else None)
+        loss, outputs = result.loss, result.outputs
         self.window.add(loss, outputs, targets)
         self.interval.add(loss, outputs, targets)
-        self.step += 1
+        self.state.step += 1
         self.steps_this_session += 1
-        self.divergence.add(loss, self.step)
+        self.divergence.add(loss, self.state.step)
         bar.update()
-        if experiment.is_line_search:
-            self._log_events(experiment.optimizer.take_events())
+        self._log_events(stepper.take_events())
         if log_now:
-            self._log_training(optimizer_values, bar)
+            self._log_training(result.values, bar)
         if log_now and self.distributed.is_distributed:
-            self.stop_agreed = self.distributed.any_rank(self.stop_requested)
+            self.stop_agreed = self.distributed.any_rank(self.stop.requested)
         if (log_now or evaluate_now) and self._check_divergence():
             return
         self._evaluation_due = self._evaluation_due or evaluate_now
-        last_step = self.step == settings.training_steps
+        last_step = self.state.step == settings.training_steps
         if self._evaluation_due and (self._can_checkpoint() or last_step):
             self._evaluation_due = False
             self._evaluate_and_checkpoint()
 
-    def _optimize(self, inputs, targets, key):
-        """One optimizer step on one batch (on the device); returns the batch's loss and the model's outputs."""
-        experiment = self.experiment
-        network, optimizer = experiment.network, experiment.optimizer
-        if experiment.is_line_search:
-            loss_function = with_reduction(experiment.loss_function, optimizer.closure_loss)
-            closure = make_batch_closure(
-                network, loss_function, inputs, targets, experiment.device, batches=experiment.data.training, key=key
-            )
-            with self.distributed.guard("taking a step"):
-                loss = optimizer.step(closure)
-            return loss, closure.outputs
-        optimizer.zero_grad(set_to_none=True)
-        outputs = network(inputs)
-        loss = experiment.loss_function(outputs, targets)
-        with self.distributed.guard("taking a step"):
-            loss.backward()
-        optimizer.step()
-        return loss.detach(), outputs.detach()
-
     def _autocast(self):
-        """Forward passes in the settings' autocast dtype (LABPAL keeps its line measurements in full precision)."""
+        """Forward passes in the settings' autocast dtype (an optimizer may measure in full precision inside)."""
         dtype = self.settings.autocast
         if dtype is None:
             return contextlib.nullcontext()
@@ -352,61 +359,44 @@ class Trainer:
 
     # ------------------------------------------------------------------ logging and evaluation
 
-    def _optimizer_values(self, steps_done):
-        """The optimizer's numbers after ``steps_done`` steps: learning rate, training batch size, passes, ….
-
-        A line search reports its own (a learning rate of 0 before it has chosen one, and the
-        inference batch size unless it trains on larger batches, as LABPAL does); a plain optimizer
-        runs on the schedule's learning rate with one forward and backward pass a step.
-        """
-        optimizer = self.experiment.optimizer
-        if self.experiment.is_line_search:
-            return {"learning_rate": 0.0, "training_batch_size": self.settings.batch_size, **optimizer.log_values()}
-        return {
-            "learning_rate": float(optimizer.param_groups[0]["lr"]),
-            "training_batch_size": self.settings.batch_size,
-            "forward_passes": steps_done,
-            "backward_passes": steps_done,
-        }
-
     def _log_training(self, optimizer_values, bar):
         metrics = self.window.result(self.distributed)
         self.window.reset()
-        self.log.write(self.step, "training", {**metrics, **optimizer_values})
+        self.log.write(self.state.step, "training", {**metrics, **optimizer_values})
         self.divergence.set_reference(metrics["loss"])
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{optimizer_values['learning_rate']:.3g}", refresh=False)
 
     def _log_events(self, events):
         """Record a line search's measurements and failures; print the reason of each failure."""
         for event in events:
-            self.log.write_event(self.step, event)
+            self.log.write_event(self.state.step, event)
             if event["event"] == "failure":
-                say(f"step {self.step}: {event['reason']}")
+                say(f"step {self.state.step}: {event['reason']}")
 
     def _evaluate_and_checkpoint(self):
         experiment = self.experiment
         validation = self._evaluate(experiment.data.validation)
-        epoch = self.step / experiment.steps_per_epoch
+        epoch = self.state.step / experiment.steps_per_epoch
         elapsed = self._elapsed()
         self.log.write(
-            self.step, "validation", validation, {"epoch": round(epoch, 4), "elapsed_seconds": round(elapsed, 3)}
+            self.state.step, "validation", validation, {"epoch": round(epoch, 4), "elapsed_seconds": round(elapsed, 3)}
         )
         training = self.interval.result(self.distributed)
         self.interval.reset()
-        learning_rate = self._optimizer_values(self.step)["learning_rate"]
+        learning_rate = self.experiment.stepper.values(self.state.step)["learning_rate"]
         say(
-            f"step {self.step}/{self.settings.training_steps} epoch {epoch:.4g} | "
+            f"step {self.state.step}/{self.settings.training_steps} epoch {epoch:.4g} | "
             f"training {_format_metrics(training)} | validation {_format_metrics(validation)} | "
             f"lr {learning_rate:.4g} | {elapsed:.1f} s"
         )
         if self._is_better(validation):
-            previous_best, self.best = self.best, {"step": self.step, "validation": validation}
+            previous_best, self.state.best = self.state.best, {"step": self.state.step, "validation": validation}
             # last.pt first: killed before best.pt is written, a resume rebuilds best.pt from it.
             model_state = self._save_last_checkpoint()
             if model_state is None:
-                self.best = previous_best
+                self.state.best = previous_best
             else:
-                best = {"step": self.step, "model": model_state, "validation": validation}
+                best = {"step": self.state.step, "model": model_state, "validation": validation}
                 self.distributed.on_main(lambda: save_checkpoint(best, self.run_folder.best_checkpoint_path))
         else:
             self._save_last_checkpoint()
@@ -414,62 +404,42 @@ class Trainer:
 
     def _evaluate(self, batches):
         experiment = self.experiment
-        with self._averaged_buffers(), self._autocast():
+        with averaged_buffers(experiment.model, self.distributed), self._autocast():
             return evaluate(
                 experiment.network, experiment.model, batches, experiment.loss_function, self.evaluation,
                 self.distributed,
             )
 
-    def _floating_buffers(self):
-        return [buffer for buffer in self.experiment.model.buffers() if buffer.is_floating_point()]
-
-    @contextlib.contextmanager
-    def _averaged_buffers(self):
-        """Inside, every process holds the mean of the processes' BatchNorm statistics, so all evaluate
-        and save one model; afterwards each its own again, so training goes on as if nothing happened.
-        Yields this process's own buffers (None in a run of one process, which has nothing to average)."""
-        if not self.distributed.is_distributed:
-            yield None
-            return
-        buffers = self._floating_buffers()
-        own = [buffer.clone() for buffer in buffers]
-        self.distributed.mean_tensors(buffers)
-        try:
-            yield own
-        finally:
-            for buffer, saved in zip(buffers, own):
-                buffer.copy_(saved)
-
     def _is_better(self, validation):
         """Better validation accuracy (lower RMSE); on a tie, lower validation loss. Never a non-finite result."""
         if not all(math.isfinite(value) for value in validation.values()):
             return False
-        if self.best is None:
+        if self.state.best is None:
             return True
-        new, old = validation[self.quality], self.best["validation"][self.quality]
+        new, old = validation[self.quality], self.state.best["validation"][self.quality]
         if new != old:
             return (new > old) == self.higher_is_better
-        return validation["loss"] < self.best["validation"]["loss"]
+        return validation["loss"] < self.state.best["validation"]["loss"]
 
     def _test_best_checkpoint(self):
         """Evaluate the best validation checkpoint on the test split (the paper's protocol)."""
         experiment = self.experiment
-        if self.best is None:
-            self._stop_diverged(self.step, "no evaluation gave a finite validation loss and metric")
+        if self.state.best is None:
+            self._stop_diverged(self.state.step, "no evaluation gave a finite validation loss and metric")
             return
         path = self.run_folder.best_checkpoint_path
         best = self.distributed.on_main(lambda: read_checkpoint(path, BEST_KEYS))
-        if best["step"] != self.best["step"]:
+        if best["step"] != self.state.best["step"]:
             raise UserError(
-                f"cannot use the checkpoint {path}: it holds step {best['step']}, not the best step {self.best['step']}"
+                f"cannot use the checkpoint {path}: it holds step {best['step']}, not the best step {self.state.best['step']}"
             )
         load_model_state(experiment.model, best["model"], path)
-        self.test = self._evaluate(experiment.data.test)
-        passes = self._optimizer_values(self.step)
+        self.state.test = self._evaluate(experiment.data.test)
+        passes = self.experiment.stepper.values(self.state.step)
         self.log.write(
-            self.step,
+            self.state.step,
             "test",
-            self.test,
+            self.state.test,
             {
                 "best_step": best["step"],
                 "elapsed_seconds": round(self._elapsed(), 3),
@@ -478,15 +448,23 @@ class Trainer:
             },
         )
         say(
-            f"test {_format_metrics(self.test)} with the checkpoint of step {best['step']} "
+            f"test {_format_metrics(self.state.test)} with the checkpoint of step {best['step']} "
             f"(best validation {self.quality} {best['validation'][self.quality]:.4f})"
         )
-        # Put the final weights back and record that the run is complete.
-        last = self.distributed.on_main(lambda: read_checkpoint(self.run_folder.last_checkpoint_path))
+        # Record that the run is complete, and put the final weights back.
+        self.state.finished = True
+        last = self.distributed.on_main(lambda: self._mark_last_checkpoint(finished=True, test=self.state.test))
         load_model_state(experiment.model, last["model"], self.run_folder.last_checkpoint_path)
-        self.finished = True
-        last.update(finished=True, test=self.test, metrics_offset=self.log.offset())
-        self.distributed.on_main(lambda: save_checkpoint(last, self.run_folder.last_checkpoint_path))
+
+    def _mark_last_checkpoint(self, **changes):
+        """Record ``changes`` to the run's state (finished and its test, or the divergence) in last.pt,
+        whose training state stays as saved; return the checkpoint. Rank 0 only."""
+        path = self.run_folder.last_checkpoint_path
+        checkpoint = read_checkpoint(path)
+        state = dataclasses.replace(RunState.from_dict(checkpoint), **changes)
+        checkpoint.update(state.to_dict(), metrics_offset=self.log.offset())
+        save_checkpoint(checkpoint, path)
+        return checkpoint
 
     # ------------------------------------------------------------------ divergence
 
@@ -503,22 +481,11 @@ class Trainer:
             self._stop_diverged(*found)
         return found is not None
 
-    def _advice(self):
-        if self.experiment.is_line_search:
-            return (
-                "make the optimizer's steps smaller (optimizer.arguments, e.g. step_adaptation for lab_pal) "
-                "or check the data for non-finite values"
-            )
-        return (
-            "lower the learning rate (optimizer.arguments.lr), add a warm-up schedule, "
-            "or check the data for non-finite values"
-        )
-
     def _stop_diverged(self, step, reason):
         """Record the divergence, keep the last good checkpoint and mark it, so that --resume reports it."""
-        message = f"training diverged at step {step}: {reason}; {self._advice()}"
-        self.diverged = {"step": step, "reason": message}
-        self.log.write(step, "diverged", {}, {"reason": message, "stopped_at_step": self.step})
+        message = f"training diverged at step {step}: {reason}; {self.experiment.stepper.divergence_advice}"
+        self.state.diverged = {"step": step, "reason": message}
+        self.log.write(step, "diverged", {}, {"reason": message, "stopped_at_step": self.state.step})
         self.log.flush()
         say(message)
         path = self.run_folder.last_checkpoint_path
@@ -527,9 +494,7 @@ class Trainer:
         if not path.exists():
             say("no checkpoint was saved before the divergence")
             return
-        last = read_checkpoint(path)
-        last.update(diverged=self.diverged, metrics_offset=self.log.offset())
-        save_checkpoint(last, path)
+        last = self._mark_last_checkpoint(diverged=self.state.diverged)
         say(f"the last good checkpoint, of step {last['step']}, is kept in {path}")
 
     # ------------------------------------------------------------------ checkpoints
@@ -542,32 +507,28 @@ class Trainer:
         checkpoint each process's own, which a resume on as many processes restores.
         """
         experiment = self.experiment
-        with self._averaged_buffers() as own_buffers:
+        with averaged_buffers(experiment.model, self.distributed) as own_buffers:
             model_state = experiment.model.state_dict()
             if own_buffers is not None:
                 # The buffers return to this process's own afterwards; the saved state keeps the mean.
                 model_state = {name: tensor.clone() for name, tensor in model_state.items()}
         name = non_finite_entry(model_state)
         if name is not None:
-            self._stop_diverged(self.step, f"the model's {name} is not finite")
+            self._stop_diverged(self.state.step, f"the model's {name} is not finite")
             return None
         process_buffers = None
         if own_buffers is not None:
             process_buffers = self.distributed.gather_objects([buffer.cpu() for buffer in own_buffers])
+        self.state.elapsed_seconds = self._elapsed()
         state = {
-            "step": self.step,
+            **self.state.to_dict(),
             "model": model_state,
-            "optimizer": experiment.optimizer.state_dict(),
-            "schedule": experiment.schedule.state_dict() if experiment.schedule is not None else None,
+            **experiment.stepper.state_dict(),
             "random_state": capture_random_state(),
-            "best": self.best,
             "training_window": self.window.state_dict(),
             "evaluation_interval": self.interval.state_dict(),
             "divergence": self.divergence.state_dict(),
             "metrics_offset": self.log.offset(),
-            "elapsed_seconds": self._elapsed(),
-            "finished": self.finished,
-            "test": self.test,
             # Rank 0's state holds only its own partial sums; resumable in one process at most.
             "partial_sums_of_processes": self.distributed.world_size if not self._can_checkpoint() else None,
             "process_buffers": process_buffers,
@@ -575,7 +536,7 @@ class Trainer:
         }
         # Through rank 0, so that a write that fails stops every process with its one line.
         self.distributed.on_main(lambda: save_checkpoint(state, self.run_folder.last_checkpoint_path))
-        self.checkpointed_step = self.step
+        self.checkpointed_step = self.state.step
         return model_state
 
     def _restore(self, checkpoint, path):
@@ -583,9 +544,7 @@ class Trainer:
         experiment = self.experiment
         load_model_state(experiment.model, checkpoint["model"], path)
         try:
-            experiment.optimizer.load_state_dict(checkpoint["optimizer"])
-            if experiment.schedule is not None:
-                experiment.schedule.load_state_dict(checkpoint["schedule"])
+            experiment.stepper.load_state_dict(checkpoint)
             self.window.load_state_dict(checkpoint["training_window"])
             self.interval.load_state_dict(checkpoint["evaluation_interval"])
             if "divergence" in checkpoint:
@@ -598,37 +557,26 @@ class Trainer:
         process_buffers = checkpoint.get("process_buffers")
         if process_buffers is not None and len(process_buffers) == self.distributed.world_size:
             # The same processes: each continues with its own statistics; otherwise with their mean.
-            for buffer, saved in zip(self._floating_buffers(), process_buffers[self.distributed.rank]):
+            for buffer, saved in zip(floating_buffers(experiment.model), process_buffers[self.distributed.rank]):
                 buffer.copy_(saved)
         if checkpoint.get("partial_sums_of_processes") and self.distributed.is_distributed:
             raise UserError(
                 f"cannot continue {path} in several processes: its {checkpoint['partial_sums_of_processes']} "
-                "processes stopped inside a LABPAL training batch, whose partial sums only process 0 saved; "
+                "processes stopped inside a training batch of the optimizer, whose partial sums only process 0 saved; "
                 "continue it in one process"
             )
-        self.step = checkpoint["step"]
-        self.best = checkpoint["best"]
-        self.elapsed_before = checkpoint["elapsed_seconds"]
-        self.finished = checkpoint["finished"]
-        self.test = checkpoint["test"]
-        self.checkpointed_step = self.step
+        self.state = RunState.from_dict(checkpoint)
+        self._elapsed_before = self.state.elapsed_seconds
+        self.checkpointed_step = self.state.step
 
     # ------------------------------------------------------------------ helpers
 
     def _elapsed(self):
-        return self.elapsed_before + time.perf_counter() - self._session_start
+        return self._elapsed_before + time.perf_counter() - self._session_start
 
     def outcome(self):
         """The run's state now, as a ``RunOutcome``."""
-        return RunOutcome(
-            step=self.step,
-            finished=self.finished,
-            test=self.test,
-            best_step=self.best["step"] if self.best else None,
-            best_validation=self.best["validation"] if self.best else None,
-            diverged=self.diverged["reason"] if self.diverged else None,
-            stopped_by_signal=self.stop_signal if not (self.finished or self.diverged) else None,
-        )
+        return self.state.outcome(self.stop.signal_number)
 
     def close(self):
         """Close the metrics file and the TensorBoard writer."""
@@ -637,7 +585,7 @@ class Trainer:
     def _progress_bar(self, total):
         return tqdm(
             total=total,
-            initial=self.step,
+            initial=self.state.step,
             unit="step",
             dynamic_ncols=True,
             # Carriage-return frames only make sense on a terminal, not in piped or batch-system logs.
@@ -645,30 +593,6 @@ class Trainer:
             file=sys.stderr,
         )
 
-    @contextlib.contextmanager
-    def _stop_on_signals(self):
-        """Ctrl-C or SIGTERM in the training loop: finish the current step, save a checkpoint, stop;
-        a second one, or one after the loop (the test), aborts at once."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        signals = (signal.SIGINT, signal.SIGTERM)
-        previous = {number: signal.getsignal(number) for number in signals}
-
-        def request_stop(number, frame):
-            if self.stop_requested or self._signal_stops_at_once:
-                raise Aborted(number)
-            self.stop_requested = True
-            self.stop_signal = number
-            say("stopping after this step and saving a checkpoint (again to abort at once)")
-
-        for number in signals:
-            signal.signal(number, request_stop)
-        try:
-            yield
-        finally:
-            for number, handler in previous.items():
-                signal.signal(number, handler)
 
 
 def initial_loop_states(experiment):
@@ -681,7 +605,7 @@ def initial_loop_states(experiment):
         "evaluation_interval": metrics,
         "divergence": DivergenceWatch(settings.divergence_steps, settings.divergence_loss_factor, device).state_dict(),
         "random_state": capture_random_state(),
-        "schedule": experiment.schedule.state_dict() if experiment.schedule is not None else None,
+        "schedule": experiment.stepper.state_dict()["schedule"],
     }
 
 

@@ -44,6 +44,9 @@ class LineSearchBase(Optimizer):
     #: What all parameters must have in common, as ``torch.Tensor`` attribute names.
     _parameters_share: ClassVar[tuple[str, ...]] = ("device", "dtype")
 
+    #: Whether the closure may call a ``torch.compile``-d model (not where per-sample gradients are taken).
+    supports_compiled_model: ClassVar[bool] = True
+
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict],
@@ -69,6 +72,11 @@ class LineSearchBase(Optimizer):
                 "so it takes exactly one parameter group; pass all parameters in one group"
             )
         super().add_param_group(param_group)
+
+    @property
+    def holds_partial_sums(self) -> bool:
+        """Whether the state holds sums of a batch not finished yet, which only this process has seen."""
+        return False
 
     def take_events(self) -> list[dict]:
         """The events reported since the last call, oldest first."""
