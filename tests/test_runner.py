@@ -1,5 +1,6 @@
 """The experiment runner end to end: main.py, run folder, metrics, events, checkpoints, plots, resume."""
 
+import copy
 import json
 import os
 import subprocess
@@ -11,9 +12,10 @@ import torch
 
 import main
 from source.configuration import load_configuration
+from source.configuration.settings import MACHINE_CHOICES
 from source.errors import UserError
 from source.plotting import PlottedRun, check_plot_folder, claim_plot_folder, plot_runs, read_metrics
-from source.training import RunFolder, run_experiment
+from source.training import RunFolder, build_experiment, run_experiment
 from tests.tiny_run import TINY, workspace  # noqa: F401 (workspace is a fixture)
 from tests.tiny_run import set_options as _set
 
@@ -323,3 +325,17 @@ def test_plot_folder_of_another_run_is_refused(tmp_path):
     check_plot_folder(folder, tmp_path / "runs" / "name")
     with pytest.raises(UserError, match="holds the plots of"):
         check_plot_folder(folder, tmp_path / "other_runs" / "name")
+
+
+def test_building_an_experiment_leaves_the_configuration_as_given_and_returns_what_auto_became(workspace):
+    configuration = load_configuration("tiny.txt")
+    given = copy.deepcopy(configuration.sections)
+    experiment = build_experiment(configuration)
+    assert configuration.sections == given
+    assert given["data"]["pipeline"] == given["experiment"]["channels_last"] == "auto"
+    assert set(experiment.resolved) == MACHINE_CHOICES
+    # On a CPU: digits are small enough to live on the device; no channels-last memory order off CUDA.
+    assert experiment.resolved == {("data", "pipeline"): "device", ("experiment", "channels_last"): "false"}
+    assert main.main(["--config", "tiny.txt", *_set("training.training_steps=2")]) == 0
+    recorded = load_configuration("runs/tiny/configuration.txt")
+    assert recorded["data"]["pipeline"] == "device" and recorded["experiment"]["channels_last"] == "false"

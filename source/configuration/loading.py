@@ -6,6 +6,8 @@ that caused it), the key and what is expected, so ``main.py`` can print it and e
 
 import ast
 import contextlib
+import copy
+import dataclasses
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +70,13 @@ class Configuration:
 
     def __getitem__(self, section):
         return self.sections[section]
+
+    def with_values(self, values):
+        """A copy with the values at the given key paths replaced: {("data", "pipeline"): "device"}."""
+        sections = copy.deepcopy(self.sections)
+        for (section, key), value in values.items():
+            sections[section][key] = value
+        return dataclasses.replace(self, sections=sections)
 
     @property
     def is_comparison(self):

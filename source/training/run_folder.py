@@ -21,7 +21,7 @@ from pathlib import Path
 from source.configuration import Configuration, differing_keys, format_configuration, key_label, load_configuration
 from source.errors import UserError
 from source.files import create_owned_folder, hold_folder, write_text_atomically
-from source.training.experiment import AUTOMATIC, AUTOMATIC_CHOICES
+from source.configuration.settings import AUTOMATIC, MACHINE_CHOICES, ExperimentSettings
 
 __all__ = [
     "LOCATION",
@@ -155,7 +155,7 @@ def _differences(stored, configuration):
     return [
         path
         for path in differing_keys(stored, configuration)
-        if not (path in AUTOMATIC_CHOICES and _value_at(configuration.sections, path) == AUTOMATIC)
+        if not (path in MACHINE_CHOICES and _value_at(configuration.sections, path) == AUTOMATIC)
     ]
 
 
@@ -213,8 +213,8 @@ class RunFolder:
     @classmethod
     def of(cls, configuration):
         """The run folder a configuration names: <runs_folder>/<experiment name>."""
-        experiment = configuration["experiment"]
-        return cls(Path(experiment["runs_folder"]) / experiment["name"])
+        experiment = ExperimentSettings.of_section(configuration["experiment"])
+        return cls(Path(experiment.runs_folder) / experiment.name)
 
     @property
     def configuration_path(self):

@@ -103,7 +103,7 @@ def _claim_folder(folder, configuration, resume, locks):
 
 def _prepare_folder(folder, experiment, configuration, resume, locks):
     """Check the checkpoints to resume from, repair and tidy the folder (or create it, locked, into
-    ``locks``); return last.pt's state.
+    ``locks``), write the run's resolved configuration.txt; return last.pt's state.
 
     Runs on rank 0 only: the one process that reads and writes the run folder.
     """
@@ -113,7 +113,7 @@ def _prepare_folder(folder, experiment, configuration, resume, locks):
     if checkpoint is not None and checkpoint.get("configuration") is not None:
         folder.check_saved_configuration(checkpoint["configuration"], configuration, folder.last_checkpoint_path)
     if checkpoint is not None:
-        total = configuration["training"]["training_steps"]
+        total = experiment.settings.training_steps
         if checkpoint["step"] > total:
             raise UserError(
                 f"{configuration.where('training', 'training_steps')}: {total} is less than the "
@@ -133,6 +133,9 @@ def _prepare_folder(folder, experiment, configuration, resume, locks):
         say(f"{folder.path} has no checkpoint yet: starting it again from step 0")
     if not resume:
         locks.append(folder.create(configuration))
+    elif not (checkpoint and checkpoint.get("diverged")):
+        # What the run continues with: its --set changes and the machine's choices.
+        folder.write_configuration(configuration)
     return checkpoint
 
 
@@ -160,6 +163,7 @@ def run_experiment(configuration, *, resume=False, stop_after_steps=None, distri
 
 def _run_in_folder(folder, configuration, resume, stop_after_steps, distributed, locks):
     experiment = distributed.together(lambda: build_experiment(configuration, distributed))
+    configuration = configuration.with_values(experiment.resolved)
     if experiment.data.note:
         say(experiment.data.note)
     checkpoint = distributed.on_main(lambda: _prepare_folder(folder, experiment, configuration, resume, locks))
@@ -171,9 +175,6 @@ def _run_in_folder(folder, configuration, resume, stop_after_steps, distributed,
         trainer = distributed.together(
             lambda: Trainer(experiment, folder, checkpoint, resume=resume, configuration=record)
         )
-        if resume:
-            # A new run's folder was created holding its configuration.txt.
-            distributed.on_main(lambda: folder.write_configuration(configuration))
         outcome = trainer.train(stop_after_steps)
     except BaseException as error:
         if trainer is not None:
