@@ -323,19 +323,17 @@ class Trainer:
         return not (self.distributed.is_distributed and self.experiment.stepper.holds_partial_sums)
 
     def _train_step(self, inputs, targets, key, bar):
-        stepper, settings = self.experiment.stepper, self.settings
-        log_now = (self.state.step + 1) % settings.log_every_steps == 0
-        evaluate_now = (
-            (self.state.step + 1) % settings.evaluate_every_steps == 0 or self.state.step + 1 == settings.training_steps
-        )
+        """Train on one batch; then log, check for divergence, evaluate and checkpoint where due."""
+        stepper, settings, step = self.experiment.stepper, self.settings, self.state.step + 1
+        log_now = step % settings.log_every_steps == 0
+        evaluate_now = step % settings.evaluate_every_steps == 0 or step == settings.training_steps
         with self._autocast():
-            result = stepper.step(inputs, targets, key, report_as_step=self.state.step + 1 if log_now else None)
-        loss, outputs = result.loss, result.outputs
-        self.window.add(loss, outputs, targets)
-        self.interval.add(loss, outputs, targets)
-        self.state.step += 1
+            result = stepper.step(inputs, targets, key, report_as_step=step if log_now else None)
+        self.state.step = step
         self.steps_this_session += 1
-        self.divergence.add(loss, self.state.step)
+        self.window.add(result.loss, result.outputs, targets)
+        self.interval.add(result.loss, result.outputs, targets)
+        self.divergence.add(result.loss, step)
         bar.update()
         self._log_events(stepper.take_events())
         if log_now:
@@ -345,8 +343,7 @@ class Trainer:
         if (log_now or evaluate_now) and self._check_divergence():
             return
         self._evaluation_due = self._evaluation_due or evaluate_now
-        last_step = self.state.step == settings.training_steps
-        if self._evaluation_due and (self._can_checkpoint() or last_step):
+        if self._evaluation_due and (self._can_checkpoint() or step == settings.training_steps):
             self._evaluation_due = False
             self._evaluate_and_checkpoint()
 
