@@ -47,6 +47,7 @@ from source.comparison import run_comparison
 from source.comparison.grid import expand_grids
 from source.configuration import load_configuration
 from source.errors import UserError, WriteFailed
+from source.files import check_writable_folder
 from source.launcher import (
     build_grid,
     check_several,
@@ -67,7 +68,7 @@ from source.training.distributed import (
     speaks_for_node,
 )
 from source.training.trainer import Aborted
-from source.training.run_folder import check_writable_folder, configuration_to_resume
+from source.training.run_folder import configuration_to_resume
 
 DEFAULT_CONFIGURATION = "configuration_lab_pal.txt"
 USAGE_ERROR = 2

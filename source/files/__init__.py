@@ -1,8 +1,9 @@
-"""File-system mechanisms every writer of the project shares: folder ownership and confined writes.
+"""File-system mechanisms every writer of the project shares: folder ownership, confined writes, writable folders.
 
 ``ownership``: a run or comparison folder is held by one process through an OS file lock, and a
 new folder appears under its name only once it is complete. ``confined``: files are written inside
 their folder without following symbolic links (atomic replacement, appends that refuse a link).
+``writable``: a folder is checked for writing before the work whose results go there.
 """
 
 from source.files.confined import (
@@ -22,6 +23,7 @@ from source.files.ownership import (
     is_held,
     read_holder,
 )
+from source.files.writable import check_writable_folder
 
 __all__ = [
     "LOCK_FILE",
@@ -29,6 +31,7 @@ __all__ = [
     "FolderInUse",
     "FolderLock",
     "LocksUnsupported",
+    "check_writable_folder",
     "create_owned_folder",
     "hold_folder",
     "is_held",

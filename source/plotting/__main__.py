@@ -24,7 +24,7 @@ from source.comparison import collect_entries, write_results
 from source.comparison.paper_report import write_paper_report
 from source.configuration import load_configuration
 from source.errors import UserError, WriteFailed
-from source.training.run_folder import check_writable_folder
+from source.files import check_writable_folder
 
 USAGE_ERROR = 2
 

@@ -13,21 +13,19 @@ appears complete, holding its configuration.txt, and is locked from then on; a r
 before it reads the checkpoints.
 """
 
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from source.configuration import Configuration, differing_keys, format_configuration, key_label, load_configuration
 from source.errors import UserError
-from source.files import create_owned_folder, hold_folder, write_text_atomically
+from source.files import check_writable_folder, create_owned_folder, hold_folder, write_text_atomically
 from source.configuration.settings import AUTOMATIC, MACHINE_CHOICES, ExperimentSettings
 
 __all__ = [
     "LOCATION",
     "RESUMABLE",
     "RunFolder",
-    "check_writable_folder",
     "configuration_to_resume",
     "configuration_record",
     "is_resumable",
@@ -62,43 +60,6 @@ def is_resumable(path):
 LOCATION = (("experiment", "runs_folder"), ("experiment", "name"))
 """The keys that find a run folder: a resumed run takes them from where it was found, not from its
 configuration.txt, so that a moved or renamed run folder resumes where it is now."""
-
-_NAME_MAX = 255
-"""Longest file name on common file systems, in bytes, where ``os.pathconf`` cannot tell."""
-
-
-def check_writable_folder(path):
-    """Raise ``UserError`` unless the folder ``path`` exists and is writable, or can be created.
-
-    Checked before training, so that a path through a file, an unwritable parent or an overlong
-    name is found before hours of work rather than at the first write.
-    """
-    path = Path(path)
-    existing = path
-    while not _exists(existing) and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UserError(f"{path}: {existing} is a file, not a folder")
-    name_max = _NAME_MAX
-    try:
-        name_max = os.pathconf(existing, "PC_NAME_MAX")
-    except (OSError, ValueError, AttributeError):
-        pass
-    missing = path.relative_to(existing).parts if existing != path else ()
-    for name in missing:
-        if len(os.fsencode(name)) > name_max:
-            raise UserError(f"{path}: the name {name[:20]}... is longer than the {name_max} bytes a file name may have")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{path}: the folder {existing} is not writable")
-
-
-def _exists(path):
-    """Whether ``path`` exists; an overlong name does not (``Path.exists`` raises for it)."""
-    try:
-        return path.exists()
-    except OSError:
-        return False
-
 
 def configuration_to_resume(configuration):
     """The configuration to resume the run that ``configuration`` names, and a note on what it ignored.
