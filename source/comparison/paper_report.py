@@ -24,6 +24,7 @@ from source.errors import UserError, writing
 from source.files import write_text_atomically
 from source.plotting.curves import PlottedRun, figure_panels, quality_of
 from source.plotting.report_figures import plot_panel_grid, plot_performance_profile
+from source.records.run_files import METRICS_FILE
 
 __all__ = [
     "PROFILE_TAUS",
@@ -219,7 +220,7 @@ def _grid_figures(experiments, colours, out):
     for experiment in experiments:
         shown = shown_entries(list(experiment.entries))
         runs = [
-            PlottedRun(item.label, tuple(run.folder / "metrics.jsonl" for run in item.runs.runs) if item.runs else (),
+            PlottedRun(item.label, tuple(run.folder / METRICS_FILE for run in item.runs.runs) if item.runs else (),
                        colour=colours[item.label])
             for item in shown
         ]  # fmt: skip

@@ -25,7 +25,7 @@ from source.comparison.entries import Entry, read_comparison, run_name
 from source.configuration import load_configuration
 from source.errors import UserError, WriteFailed, writing
 from source.files import write_text_atomically
-from source.plotting.curves import PlottedRun, legend_label, plot_runs, quality_of, read_metrics, value_text
+from source.plotting.curves import PlottedRun, legend_label, plot_runs, quality_of, value_text
 from source.plotting.sensitivity import (
     SensitivityLine,
     SensitivityPoint,
@@ -33,6 +33,8 @@ from source.plotting.sensitivity import (
     sensitivity_file_stem,
     value_range,
 )
+from source.records.metrics import read_metrics
+from source.records.run_files import CONFIGURATION_FILE, METRICS_FILE
 
 __all__ = [
     "EntryRuns",
@@ -96,7 +98,7 @@ def _folder_configuration(folder):
     """The configuration.txt of a run or comparison folder; ``UserError`` when it has none."""
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder: give run folders or comparison folders")
-    path = folder / "configuration.txt"
+    path = folder / CONFIGURATION_FILE
     if not path.is_file():
         raise UserError(f"{folder} has no configuration.txt: give a run folder or a comparison folder")
     return load_configuration(path)
@@ -104,7 +106,7 @@ def _folder_configuration(folder):
 
 def _read_run(folder, configuration):
     """The ``RunResult`` of a run folder with its loaded configuration."""
-    metrics_path = folder / "metrics.jsonl"
+    metrics_path = folder / METRICS_FILE
     records = read_metrics(metrics_path) if metrics_path.is_file() else []
     return RunResult(folder, configuration["experiment"]["seed"], configuration, records)
 
@@ -121,9 +123,9 @@ def _comparison_entries(folder, configuration):
         for point in entry.points():
             run_folders = [folder / point.id / run_name(seed) for seed in comparison.seeds]
             runs = [
-                _read_run(run_folder, load_configuration(run_folder / "configuration.txt"))
+                _read_run(run_folder, load_configuration(run_folder / CONFIGURATION_FILE))
                 for run_folder in run_folders
-                if (run_folder / "configuration.txt").is_file()
+                if (run_folder / CONFIGURATION_FILE).is_file()
             ]
             swept = entry if entry.sweep else None
             entries.append(
@@ -463,7 +465,7 @@ def write_results(entries, out, colours=None):
         figures = plot_runs(
             [
                 PlottedRun(item.legend,
-                           tuple(run.folder / "metrics.jsonl" for run in item.runs.runs if run.records)
+                           tuple(run.folder / METRICS_FILE for run in item.runs.runs if run.records)
                            if item.runs else (),
                            item.label, colours.get(item.label) if colours else None)
                 for item in shown

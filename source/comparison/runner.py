@@ -22,7 +22,8 @@ from source.comparison.entries import read_comparison
 from source.comparison.results import collect_entries, write_results
 from source.configuration import COMPARISON, differing_keys, format_configuration, key_label, load_configuration
 from source.errors import UserError
-from source.plotting import read_metrics
+from source.records.metrics import read_metrics
+from source.records.run_files import CONFIGURATION_FILE
 from source.training import run_experiment
 from source.files import create_owned_folder, hold_folder, remove_partial_files, write_text_atomically
 from source.training.checkpoints import read_checkpoint
@@ -36,10 +37,6 @@ __all__ = [
     "run_comparison",
     "run_progress",
 ]
-
-CONFIGURATION_FILE = "configuration.txt"
-"""The comparison's resolved configuration, in the comparison folder."""
-
 
 @dataclass(frozen=True)
 class ComparisonOutcome:

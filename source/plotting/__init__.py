@@ -13,8 +13,8 @@ from source.plotting.curves import (
     legend_label,
     plot_runs,
     quality_of,
-    read_metrics,
 )
+from source.records.metrics import read_metrics
 
 __all__ = [
     "OWNER_FILE",

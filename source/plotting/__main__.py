@@ -25,6 +25,7 @@ from source.comparison.paper_report import write_paper_report
 from source.configuration import load_configuration
 from source.errors import UserError, WriteFailed
 from source.files import check_writable_folder
+from source.records.run_files import CONFIGURATION_FILE
 
 USAGE_ERROR = 2
 
@@ -54,7 +55,7 @@ def parse_arguments(argv):
 
 def _default_out(folders):
     """The one comparison folder given; ``UserError`` otherwise."""
-    if len(folders) == 1 and load_configuration(Path(folders[0]) / "configuration.txt").is_comparison:
+    if len(folders) == 1 and load_configuration(Path(folders[0]) / CONFIGURATION_FILE).is_comparison:
         return Path(folders[0])
     raise UserError("give --out DIR: without it the files go into the comparison folder, when it is the only folder")
 

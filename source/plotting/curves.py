@@ -24,7 +24,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormat
 
 from source.errors import UserError, WriteFailed, cause_of, writing
 from source.files import replace_atomically, write_text_atomically
-from source.training.metrics_log import read_metrics
+from source.records.metrics import read_metrics
 
 __all__ = [
     "OWNER_FILE",
@@ -42,7 +42,6 @@ __all__ = [
     "measurement_handle",
     "plot_runs",
     "quality_of",
-    "read_metrics",
     "value_text",
 ]
 

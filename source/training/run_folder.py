@@ -21,6 +21,7 @@ from source.configuration import Configuration, differing_keys, format_configura
 from source.errors import UserError
 from source.files import check_writable_folder, create_owned_folder, hold_folder, write_text_atomically
 from source.configuration.settings import AUTOMATIC, MACHINE_CHOICES, ExperimentSettings
+from source.records.run_files import RunFiles
 
 __all__ = [
     "LOCATION",
@@ -166,40 +167,14 @@ def _shown(value):
 
 
 @dataclass(frozen=True)
-class RunFolder:
-    """Where one run's files live."""
-
-    path: Path
+class RunFolder(RunFiles):
+    """A run's folder, with the rules for starting and resuming a run in it."""
 
     @classmethod
     def of(cls, configuration):
         """The run folder a configuration names: <runs_folder>/<experiment name>."""
         experiment = ExperimentSettings.of_section(configuration["experiment"])
         return cls(Path(experiment.runs_folder) / experiment.name)
-
-    @property
-    def configuration_path(self):
-        """The resolved configuration the run was started (or last resumed) with."""
-        return self.path / "configuration.txt"
-
-    @property
-    def metrics_path(self):
-        """The JSON-lines metrics file."""
-        return self.path / "metrics.jsonl"
-
-    @property
-    def last_checkpoint_path(self):
-        """The checkpoint a resume continues from (saved at every evaluation and at the end)."""
-        return self.path / "last.pt"
-
-    @property
-    def best_checkpoint_path(self):
-        """The weights with the best validation metric so far."""
-        return self.path / "best.pt"
-
-    def event_files(self):
-        """The TensorBoard event files, oldest first."""
-        return sorted(self.path.glob("events.out.tfevents.*"))
 
     def check_can_start(self, configuration, resume):
         """Raise ``UserError`` unless a new run may start here (or, with ``resume``, continue here).
