@@ -6,7 +6,7 @@ same files again from the folders on disk. ``grid.py`` reads grid files, which n
 comparisons; ``paper_report.py`` writes the report over several experiments.
 """
 
-from source.comparison.entries import Comparison, ComparisonRun, Entry, read_comparison
+from source.comparison.entries import Comparison, ComparisonRun, read_comparison
 from source.comparison.results import collect_entries, result_rows, write_results
 from source.comparison.runner import (
     ComparisonOutcome,
@@ -21,7 +21,6 @@ __all__ = [
     "Comparison",
     "ComparisonOutcome",
     "ComparisonRun",
-    "Entry",
     "RunProgress",
     "collect_entries",
     "create_comparison_folder",

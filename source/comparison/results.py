@@ -21,11 +21,10 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from source.comparison.entries import Entry, read_comparison, run_name
 from source.configuration import load_configuration
 from source.errors import UserError, WriteFailed, writing
 from source.files import write_text_atomically
-from source.plotting.curves import PlottedRun, legend_label, plot_runs, quality_of, value_text
+from source.plotting.curves import PlottedRun, legend_label, plot_runs, quality_of
 from source.plotting.sensitivity import (
     SensitivityLine,
     SensitivityPoint,
@@ -33,6 +32,7 @@ from source.plotting.sensitivity import (
     sensitivity_file_stem,
     value_range,
 )
+from source.records.comparison import Entry, read_comparison_entries, run_name, value_text
 from source.records.metrics import read_metrics
 from source.records.run_files import CONFIGURATION_FILE, METRICS_FILE
 
@@ -117,11 +117,11 @@ def _experiment(configuration):
 
 
 def _comparison_entries(folder, configuration):
-    comparison = read_comparison(configuration)
+    comparison_entries, seeds = read_comparison_entries(configuration)
     entries = []
-    for entry in comparison.entries:
+    for entry in comparison_entries:
         for point in entry.points():
-            run_folders = [folder / point.id / run_name(seed) for seed in comparison.seeds]
+            run_folders = [folder / point.id / run_name(seed) for seed in seeds]
             runs = [
                 _read_run(run_folder, load_configuration(run_folder / CONFIGURATION_FILE))
                 for run_folder in run_folders
@@ -129,7 +129,7 @@ def _comparison_entries(folder, configuration):
             ]
             swept = entry if entry.sweep else None
             entries.append(
-                EntryRuns(point.id, point.label, point.optimizer, comparison.seeds, tuple(runs), point.point, swept,
+                EntryRuns(point.id, point.label, point.optimizer, seeds, tuple(runs), point.point, swept,
                           _experiment(configuration))
             )  # fmt: skip
     return entries

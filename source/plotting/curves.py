@@ -24,6 +24,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormat
 
 from source.errors import UserError, WriteFailed, cause_of, writing
 from source.files import replace_atomically, write_text_atomically
+from source.records.comparison import arguments_text
 from source.records.metrics import read_metrics
 
 __all__ = [
@@ -31,7 +32,6 @@ __all__ = [
     "PALETTE",
     "Panel",
     "PlottedRun",
-    "arguments_text",
     "check_plot_folder",
     "claim_plot_folder",
     "draw_dots",
@@ -42,7 +42,6 @@ __all__ = [
     "measurement_handle",
     "plot_runs",
     "quality_of",
-    "value_text",
 ]
 
 OWNER_FILE = "run_folder.txt"
@@ -79,22 +78,6 @@ class PlottedRun:
         paths = (paths,) if isinstance(paths, (str, Path)) else tuple(paths)
         object.__setattr__(self, "metrics_paths", tuple(Path(path) for path in paths))
         object.__setattr__(self, "short_label", self.short_label or self.label)
-
-
-def value_text(value):
-    """A configuration value as legends and folder names show it: 0.1, 1e-05, true, 500:2/750:4."""
-    if isinstance(value, list):
-        return "/".join(value_text(item) for item in value)
-    if isinstance(value, bool) or value is None:
-        return str(value).lower()
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
-
-
-def arguments_text(arguments):
-    """Arguments as a legend shows them: "lr 0.1, momentum 0.9"."""
-    return ", ".join(f"{name} {value_text(value)}" for name, value in arguments.items())
 
 
 def legend_label(configuration, label=None):

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from matplotlib.lines import Line2D
 
-from source.plotting.curves import _legend, _legend_height, _new_figure, _save, _style, value_text
+from source.plotting.curves import _legend, _legend_height, _new_figure, _save, _style
+from source.records.comparison import value_text
 
 __all__ = ["SensitivityLine", "SensitivityPoint", "plot_sensitivity", "sensitivity_file_stem", "value_range"]
 
