@@ -4,9 +4,9 @@ import csv
 
 import pytest
 
-from source.comparison import collect_entries
 from source.comparison.grid import expand_grids
-from source.comparison.paper_report import PROFILE_TAUS, group_experiments, performance_profile, tabulate_test_results
+from source.plotting.paper_report import PROFILE_TAUS, group_experiments, performance_profile, tabulate_test_results
+from source.plotting.results import collect_entries
 from source.plotting import __main__ as plotting_command
 from tests.constructed_runs import comparison_folder
 

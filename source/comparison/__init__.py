@@ -1,13 +1,12 @@
 """Comparisons of optimizers: one configuration, several entries, one run per entry (or sweep point) and seed.
 
 ``run_comparison(configuration)`` trains them all in ``<runs_folder>/<experiment name>/`` and
-writes results.csv, results.md and the figures there; ``write_results(folders, out)`` writes the
-same files again from the folders on disk. ``grid.py`` reads grid files, which name several
-comparisons; ``paper_report.py`` writes the report over several experiments.
+writes results.csv, results.md and the figures there (``source.plotting.results``, which writes
+the same files again from the folders on disk). ``grid.py`` reads grid files, which name several
+comparisons.
 """
 
 from source.comparison.entries import Comparison, ComparisonRun, read_comparison
-from source.comparison.results import collect_entries, result_rows, write_results
 from source.comparison.runner import (
     ComparisonOutcome,
     RunProgress,
@@ -22,12 +21,9 @@ __all__ = [
     "ComparisonOutcome",
     "ComparisonRun",
     "RunProgress",
-    "collect_entries",
     "create_comparison_folder",
     "prepare_comparison",
     "read_comparison",
-    "result_rows",
     "run_comparison",
     "run_progress",
-    "write_results",
 ]

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from source.comparison.entries import read_comparison
-from source.comparison.results import collect_entries, write_results
 from source.configuration import COMPARISON, differing_keys, format_configuration, key_label, load_configuration
 from source.errors import UserError
+from source.plotting.results import collect_entries, write_results
 from source.records.metrics import read_metrics
 from source.records.run_files import CONFIGURATION_FILE
 from source.training import run_experiment
@@ -37,6 +37,7 @@ __all__ = [
     "run_comparison",
     "run_progress",
 ]
+
 
 @dataclass(frozen=True)
 class ComparisonOutcome:

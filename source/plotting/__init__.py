@@ -1,7 +1,9 @@
-"""Figures of one or several runs from their metrics files (PNG and PDF).
+"""The results of finished runs, read from their folders: figures (PNG and PDF), tables and reports.
 
-``python -m source.plotting FOLDER... [--out DIR]`` redraws the figures and the results table of
-run or comparison folders without training (see ``__main__.py``).
+``curves.py`` draws one or several runs from their metrics files, ``results.py`` writes a
+comparison's results table and figures, ``paper_report.py`` the report over several experiments.
+``python -m source.plotting FOLDER... [--out DIR]`` redraws them from run or comparison folders
+without training (see ``__main__.py``); nothing here imports the training or the models.
 """
 
 from source.plotting.curves import (

@@ -8,7 +8,7 @@ Each FOLDER is a comparison folder (all its entries) or a run folder (one entry;
 of one comparison entry join into one). Labels, data set and model come from each run's own
 configuration.txt. Writes results.csv, results.md and every figure as .png and .pdf into --out,
 by default into the comparison folder when there is exactly one. Folders of several experiments
-(data set × model) make a report instead (source/comparison/paper_report.py): each experiment's
+(data set × model) make a report instead (source/plotting/paper_report.py): each experiment's
 files in <out>/<data set>_<model>/, and figure grids, the test accuracy table and the performance
 profile across them in --out. A problem with the input (a folder, a damaged metrics file, an --out
 that is a file or not writable) ends with one line on stderr and exit status 2; a file the system
@@ -20,11 +20,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from source.comparison import collect_entries, write_results
-from source.comparison.paper_report import write_paper_report
 from source.configuration import load_configuration
 from source.errors import UserError, WriteFailed
 from source.files import check_writable_folder
+from source.plotting.paper_report import write_paper_report
+from source.plotting.results import collect_entries, write_results
 from source.records.run_files import CONFIGURATION_FILE
 
 USAGE_ERROR = 2

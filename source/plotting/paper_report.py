@@ -19,11 +19,11 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
-from source.comparison.results import entry_values, result_rows, shown_entries, sweep_groups, write_results
 from source.errors import UserError, writing
 from source.files import write_text_atomically
 from source.plotting.curves import PlottedRun, figure_panels, quality_of
 from source.plotting.report_figures import plot_panel_grid, plot_performance_profile
+from source.plotting.results import entry_values, result_rows, shown_entries, sweep_groups, write_results
 from source.records.run_files import METRICS_FILE
 
 __all__ = [
