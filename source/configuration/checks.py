@@ -24,6 +24,7 @@ from source.errors import UserError
 __all__ = [
     "CHECKS",
     "MAX_NAME_LENGTH",
+    "RECORDED_NAME_CHECKS",
     "InvalidArgument",
     "InvalidValue",
     "check_argument_types",
@@ -213,6 +214,18 @@ CHECKS = {
     "schedule_name": _registry_check("schedule", _schedules),
 }
 """Custom checks by the name the configspec uses."""
+
+
+def _check_recorded_name(value):
+    return _require_text(value, "a name")
+
+
+RECORDED_NAME_CHECKS = {
+    **CHECKS,
+    **dict.fromkeys(("model_name", "dataset_name", "optimizer_name", "schedule_name"), _check_recorded_name),
+}
+"""``CHECKS`` for a configuration a run recorded: its names of registry entries were checked when
+it started, and are read as written, so that reading a finished run loads none of the registries."""
 
 
 class InvalidArgument(UserError):

@@ -15,7 +15,7 @@ from pathlib import Path
 from configobj import ConfigObj, ConfigObjError, Section, flatten_errors
 from validate import Validator
 
-from source.configuration.checks import CHECKS, InvalidValue, did_you_mean
+from source.configuration.checks import CHECKS, RECORDED_NAME_CHECKS, InvalidValue, did_you_mean
 from source.errors import DataFileError, UserError
 
 __all__ = [
@@ -117,11 +117,14 @@ class Configuration:
         return f"{origin}: {section_label((section,))}"
 
 
-def load_configuration(path, overrides=()):
+def load_configuration(path, overrides=(), *, check_names=True):
     """Read ``path``, apply ``overrides`` ("section.key=value" texts) and validate everything.
 
     Returns a ``Configuration`` with every key of the configspec present and typed.
     Raises ``UserError`` naming the first problem (and how many more there are).
+    ``check_names=False`` reads the configuration.txt of a run or comparison that was checked when
+    it started: the names of its model, data set, optimizers and schedules are taken as written
+    (``RECORDED_NAME_CHECKS``), without loading their registries.
     """
     path = Path(path)
     if not path.is_file():
@@ -147,7 +150,7 @@ def load_configuration(path, overrides=()):
     is_comparison = COMPARISON in document
     if is_comparison:
         _check_no_entry_sections(document, source, origins)
-    _validate(document, source, origins)
+    _validate(document, source, origins, CHECKS if check_names else RECORDED_NAME_CHECKS)
     sections = document.dict()
     # Validation fills in every section of the configspec; keep those this kind of configuration has.
     for name in ENTRY_SECTIONS if is_comparison else (COMPARISON,):
@@ -274,9 +277,9 @@ def _check_structure(section, specification, source, origins, path):
             raise UserError(f"{where}: unknown section {section_label(path + (name,))}{hint}")
 
 
-def _validate(document, source, origins):
-    """Type every value with the configspec; raise the first problem as a ``UserError``."""
-    result = document.validate(Validator(CHECKS), preserve_errors=True, copy=True)
+def _validate(document, source, origins, checks):
+    """Type every value with the configspec and ``checks``; raise the first problem as a ``UserError``."""
+    result = document.validate(Validator(checks), preserve_errors=True, copy=True)
     if result is True:
         return
     problems = flatten_errors(document, result)
@@ -291,7 +294,7 @@ def _validate(document, source, origins):
     if isinstance(error, InvalidValue):
         expectation = error.expectation
     else:
-        expectation = _describe_check(specification.get(key, specification.get(_FREE_FORM)))
+        expectation = _describe_check(specification.get(key, specification.get(_FREE_FORM)), checks)
     more = len(problems) - 1
     suffix = f" ({more} more problem{'s' if more > 1 else ''} after this one)" if more else ""
     if error is False:
@@ -306,16 +309,16 @@ def _abbreviate(text, length=80):
     return text if len(text) <= length else f"{text[: length - 3]}..."
 
 
-def _describe_check(check):
+def _describe_check(check, checks):
     """Say in words what a built-in configspec check such as "integer(min=1)" accepts."""
     call = ast.parse(check, mode="eval").body
     arguments = [ast.literal_eval(argument) for argument in call.args]
     options = {keyword.arg: ast.literal_eval(keyword.value) for keyword in call.keywords}
     kind = call.func.id
-    if kind in CHECKS:
+    if kind in checks:
         # A custom check says what it expects when it refuses a value; an empty text it refuses.
         try:
-            CHECKS[kind]("", *arguments, **options)
+            checks[kind]("", *arguments, **options)
         except InvalidValue as error:
             return error.expectation
     if kind in ("integer", "float"):
