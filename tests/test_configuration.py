@@ -7,6 +7,7 @@ import pytest
 import torch
 from configobj import ConfigObj
 
+from source.arguments import InvalidArgument, check_argument_types, find_refused_argument
 from source.configuration import (
     COMPARISON,
     SPECIFICATION_PATH,
@@ -14,7 +15,7 @@ from source.configuration import (
     format_configuration,
     load_configuration,
 )
-from source.configuration.checks import InvalidArgument, check_argument_types, find_refused_argument, parse_free_text
+from source.configuration.checks import parse_free_text
 from source.errors import UserError
 from source.optimizer import LabPal
 from source.optimizer.steppers import stepper_kind

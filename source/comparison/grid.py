@@ -13,7 +13,7 @@ from pathlib import Path
 
 from configobj import ConfigObj, ConfigObjError
 
-from source.configuration.checks import did_you_mean
+from source.arguments import did_you_mean
 from source.errors import UserError
 
 __all__ = ["GRID", "expand_grids", "is_grid_file"]

@@ -15,7 +15,8 @@ from pathlib import Path
 from configobj import ConfigObj, ConfigObjError, Section, flatten_errors
 from validate import Validator
 
-from source.configuration.checks import CHECKS, RECORDED_NAME_CHECKS, InvalidValue, did_you_mean
+from source.arguments import did_you_mean
+from source.configuration.checks import CHECKS, RECORDED_NAME_CHECKS, InvalidValue
 from source.errors import DataFileError, UserError
 
 __all__ = [

@@ -9,7 +9,7 @@ import inspect
 
 import torch
 
-from ..configuration.checks import InvalidArgument, check_argument_types, find_refused_argument
+from ..arguments import InvalidArgument, check_argument_types, find_refused_argument
 from ..errors import UserError
 from .gols_i import GolsI
 from .lab_pal import LabPal, make_batch_closure, noise_adaptation_factor

@@ -19,8 +19,9 @@ import itertools
 import re
 from dataclasses import dataclass, field
 
+from source.arguments import did_you_mean
 from source.configuration import COMPARISON, key_label, section_label
-from source.configuration.checks import CHECKS, MAX_NAME_LENGTH, InvalidValue, did_you_mean
+from source.configuration.checks import CHECKS, MAX_NAME_LENGTH, InvalidValue
 from source.errors import UserError
 
 __all__ = [

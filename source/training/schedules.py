@@ -11,7 +11,7 @@ import math
 import torch
 from torch.optim import lr_scheduler
 
-from source.configuration.checks import InvalidArgument, check_argument_types, did_you_mean, find_refused_argument
+from source.arguments import InvalidArgument, check_argument_types, did_you_mean, find_refused_argument
 from source.errors import UserError
 
 __all__ = ["NO_SCHEDULE", "accepted_schedule_arguments", "available_schedules", "build_schedule"]
