@@ -18,9 +18,9 @@ from source.configuration import (
 from source.configuration.checks import parse_free_text
 from source.errors import UserError
 from source.optimizer import LabPal
+from source.optimizer.schedules import available_schedules, build_schedule
 from source.optimizer.steppers import stepper_kind
 from source.training.losses import choose_loss
-from source.training.schedules import available_schedules, build_schedule
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 SHIPPED = REPOSITORY / "configuration_lab_pal.txt"

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from source.configuration import COMPARISON, Configuration, key_label, section_label
 from source.optimizer import accepted_arguments
+from source.optimizer.schedules import accepted_schedule_arguments
 from source.records.comparison import Entry, read_comparison_entries, run_name, value_text
 from source.training import RunFolder, build_experiment, build_optimizer_and_schedule
-from source.training.schedules import accepted_schedule_arguments
 
 __all__ = [
     "Comparison",

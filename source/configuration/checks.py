@@ -178,7 +178,7 @@ def _optimizers():
 
 
 def _schedules():
-    from source.training.schedules import available_schedules
+    from source.optimizer.schedules import available_schedules
 
     return available_schedules()
 

@@ -1,7 +1,7 @@
 """Training: build the experiment, run the step-based loop in its run folder, log and checkpoint.
 
 ``run_experiment(configuration)`` is the whole of it; the modules hold the pieces (experiment
-building, data order, evaluation, checkpoints, metric logs, run folder, schedules, losses).
+building, data order, evaluation, checkpoints, metric logs, run folder, losses).
 """
 
 from source.training.experiment import Experiment, build_experiment, build_optimizer_and_schedule

@@ -21,10 +21,10 @@ from source.data import build_datasets, build_pipelines
 from source.errors import UserError
 from source.models import build_model
 from source.optimizer import build_optimizer
+from source.optimizer.schedules import build_schedule
 from source.optimizer.steppers import Stepper, stepper_kind
 from source.training.losses import choose_loss
 from source.training.distributed import Distributed, check_batch_size, process_device
-from source.training.schedules import build_schedule
 
 __all__ = [
     "Experiment",
@@ -161,7 +161,7 @@ def build_optimizer_and_schedule(configuration, model, training_set_size, proces
     """The optimizer and schedule (None for "none") that ``configuration`` gives ``model``.
 
     A refused argument raises ``UserError`` naming its key; the schedule is rehearsed for the
-    whole run (source/training/schedules.py).
+    whole run (source/optimizer/schedules.py).
     """
     settings = RunSettings.of(configuration)
     training = settings.training
