@@ -45,7 +45,6 @@ from pathlib import Path
 
 from source.comparison import run_comparison
 from source.comparison.grid import expand_grids
-from source.configuration import load_configuration
 from source.errors import UserError, WriteFailed
 from source.files import check_writable_folder
 from source.launcher import (
@@ -59,6 +58,7 @@ from source.launcher import (
     runs_in_children,
 )
 from source.plotting import PlottedRun, check_plot_folder, claim_plot_folder, legend_label, plot_runs
+from source.registries import load_configuration
 from source.training import RunFolder, run_experiment
 from source.training.distributed import (
     RankLost,

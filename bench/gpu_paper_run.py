@@ -35,7 +35,7 @@ import torch
 REPOSITORY = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPOSITORY))
 
-from source.configuration import load_configuration  # noqa: E402
+from source.registries import load_configuration  # noqa: E402
 from source.training import RunFolder, Trainer, build_experiment  # noqa: E402
 
 PRESETS = {"LABPAL-NSGD": "cifar10_resnet20_lab_pal_nsgd.txt", "SGD": "cifar10_resnet20_sgd.txt"}

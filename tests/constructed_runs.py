@@ -10,7 +10,8 @@ finished; "diverged": it diverged).
 import json
 
 from source.comparison import read_comparison
-from source.configuration import format_configuration, load_configuration
+from source.configuration import format_configuration
+from source.registries import load_configuration
 
 
 def records(validation, test, quality="accuracy"):

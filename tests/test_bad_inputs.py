@@ -16,7 +16,8 @@ import torch
 
 import main
 from configobj import ConfigObj
-from source.configuration import SPECIFICATION_PATH, load_configuration
+from source.configuration import SPECIFICATION_PATH
+from source.registries import load_configuration
 from source.training.run_folder import RunFolder
 from tests.data_files import write_cifar10
 from tests.tiny_run import TINY, workspace  # noqa: F401 (workspace is a fixture)

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 import main
-from source.configuration import load_configuration
 from source.files import LOCK_FILE
 from source.plotting import read_metrics
+from source.registries import load_configuration
 from source.training import RunFolder, run_experiment, trainer
 from source.training.checkpoints import load_checkpoint, previous_path, save_atomically
 from tests.tiny_run import tiny_with

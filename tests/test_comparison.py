@@ -14,11 +14,11 @@ import torch
 
 import main
 from source.comparison import read_comparison
-from source.configuration import load_configuration
 from source.optimizer import OPTIMIZERS, build_optimizer
 from source.optimizer.schedules import build_schedule
 from source.plotting import __main__ as plotting_command
 from source.plotting import read_metrics
+from source.registries import load_configuration
 from source.training import build_experiment
 
 REPOSITORY = Path(__file__).resolve().parents[1]

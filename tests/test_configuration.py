@@ -8,18 +8,13 @@ import torch
 from configobj import ConfigObj
 
 from source.arguments import InvalidArgument, check_argument_types, find_refused_argument
-from source.configuration import (
-    COMPARISON,
-    SPECIFICATION_PATH,
-    differing_keys,
-    format_configuration,
-    load_configuration,
-)
+from source.configuration import COMPARISON, SPECIFICATION_PATH, differing_keys, format_configuration
 from source.configuration.checks import parse_free_text
 from source.errors import UserError
 from source.optimizer import LabPal
 from source.optimizer.schedules import available_schedules, build_schedule
 from source.optimizer.steppers import stepper_kind
+from source.registries import load_configuration
 from source.training.losses import choose_loss
 
 REPOSITORY = Path(__file__).resolve().parents[1]

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import main
-from source.configuration import load_configuration
 from source.plotting import read_metrics
+from source.registries import load_configuration
 from source.training import RunFolder, runner
 from source.training.checkpoints import load_checkpoint, non_finite_entry
 from source.training.run_state import RunState

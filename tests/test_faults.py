@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 import main
-from source.configuration import load_configuration
 from source.plotting import read_metrics
+from source.registries import load_configuration
 from source.training import run_experiment, trainer
 from source.training.checkpoints import load_checkpoint
 from source.training.metrics_log import MetricsLog

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 
 import main
-from source.configuration import load_configuration
 from source.files import hold_folder
 from source.launcher import GridRun, LauncherSettings, read_launcher
 from source.launcher import local
 from source.launcher.launch import launch
 from source.plotting import read_metrics
+from source.registries import load_configuration
 from source.training import RunFolder
 
 REPOSITORY = Path(__file__).resolve().parents[1]

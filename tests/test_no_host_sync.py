@@ -10,7 +10,7 @@ import itertools
 import pytest
 import torch
 
-from source.configuration import load_configuration
+from source.registries import load_configuration
 from source.training import RunFolder, Trainer, build_experiment
 from tests.tiny_run import workspace  # noqa: F401 (a fixture)
 

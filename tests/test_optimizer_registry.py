@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from source.configuration import load_configuration
 from source.errors import UserError
 from source.optimizer import OPTIMIZERS, LabPal, accepted_arguments, build_optimizer, make_batch_closure
+from source.registries import load_configuration
 from source.training import build_experiment
 
 REPOSITORY = Path(__file__).resolve().parents[1]

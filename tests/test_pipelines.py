@@ -11,12 +11,12 @@ from PIL import Image
 from torchvision import transforms
 
 import main
-from source.configuration import load_configuration
 from source.data import build_datasets, build_pipelines, pipelines
 from source.data.sampling import batch_positions, epoch_plan, share_of
 from source.data.transforms import NORMALIZATION, CropAndFlip, Normalisation
 from source.errors import UserError
 from source.optimizer import make_batch_closure
+from source.registries import load_configuration
 from source.training import build_experiment
 from tests.data_files import write_cifar10, write_image_folder
 from tests.tiny_run import set_options, workspace  # noqa: F401 (a fixture)

@@ -11,11 +11,12 @@ import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from source.configuration import format_configuration, load_configuration
+from source.configuration import format_configuration
 from source.plotting import PlottedRun, legend_label, plot_runs
 from source.plotting.curves import label_log_axis
 from source.plotting.results import collect_entries, result_rows
 from source.plotting import __main__ as plotting_command
+from source.registries import load_configuration
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 REPOSITORY = Path(__file__).resolve().parents[1]

@@ -12,6 +12,7 @@ from source.comparison import read_comparison
 from source.configuration import load_configuration
 from source.errors import UserError
 from source.records.comparison import read_comparison_entries
+from source.registries import REGISTRIES
 from tests.constructed_runs import comparison_folder
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -155,8 +156,8 @@ def test_a_comparison_read_from_disk_has_the_runs_the_comparison_trains(tmp_path
     so the figures look for the run folders where the runs were trained."""
     source = tmp_path / "comparison.txt"
     source.write_text(COMPARISON.format(name="swept", model="small_cnn"))
-    configuration = load_configuration(source)
-    entries, seeds = read_comparison_entries(load_configuration(source, check_names=False))
+    configuration = load_configuration(source, registries=REGISTRIES)
+    entries, seeds = read_comparison_entries(load_configuration(source, registries=None))
     comparison = read_comparison(configuration)
     assert seeds == comparison.seeds == (0, 1)
     read = [(point.id, point.label, point.optimizer, point.point) for entry in entries for point in entry.points()]
@@ -180,13 +181,13 @@ def test_a_recorded_configuration_is_read_with_its_names_as_written(tmp_path):
     path = tmp_path / "configuration.txt"
     path.write_text("[model]\nname = a_model_of_an_older_version\n[training]\nbatch_size = 64\n")
     with pytest.raises(UserError, match="a_model_of_an_older_version"):
-        load_configuration(path)
-    recorded = load_configuration(path, check_names=False)
+        load_configuration(path, registries=REGISTRIES)
+    recorded = load_configuration(path, registries=None)
     assert recorded["model"]["name"] == "a_model_of_an_older_version"
     assert recorded["training"]["batch_size"] == 64
     path.write_text("[training]\nbatch_size = many\n")
     with pytest.raises(UserError, match=r"\[training\] batch_size = 'many': expected an integer >= 1"):
-        load_configuration(path, check_names=False)
+        load_configuration(path, registries=None)
 
 
 REDRAW = """

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import main
-from source.configuration import load_configuration
 from source.optimizer import build_optimizer
 from source.optimizer.schedules import build_schedule
+from source.registries import load_configuration
 from tests.data_files import copy_a_few_cifar10_jpegs
 
 REPOSITORY = Path(__file__).resolve().parents[1]

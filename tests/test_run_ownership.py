@@ -18,7 +18,6 @@ import pytest
 
 import main
 from source.comparison.runner import run_comparison
-from source.configuration import load_configuration
 from source.errors import UserError
 from source.files import (
     LOCK_FILE,
@@ -31,6 +30,7 @@ from source.files import (
 )
 from source.files import ownership
 from source.plotting import read_metrics
+from source.registries import load_configuration
 from source.training import run_folder, runner
 from tests.test_comparison import COMPARE
 from tests.tiny_run import TINY, workspace  # noqa: F401 (workspace is a fixture)

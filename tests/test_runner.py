@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import main
-from source.configuration import load_configuration
 from source.configuration.settings import MACHINE_CHOICES
 from source.errors import UserError
 from source.plotting import PlottedRun, check_plot_folder, claim_plot_folder, plot_runs, read_metrics
+from source.registries import load_configuration
 from source.training import RunFolder, build_experiment, run_experiment
 from tests.tiny_run import TINY, workspace  # noqa: F401 (workspace is a fixture)
 from tests.tiny_run import set_options as _set

@@ -10,8 +10,8 @@ import pytest
 import main
 from source.comparison import read_comparison
 from source.comparison.grid import expand_grids
-from source.configuration import load_configuration
 from source.plotting.results import collect_entries, result_rows, sensitivity_lines, write_results
+from source.registries import load_configuration
 from source.training import RunFolder
 from tests.constructed_runs import comparison_folder
 

@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from source.comparison.entries import read_comparison
-from source.configuration import COMPARISON, differing_keys, format_configuration, key_label, load_configuration
+from source.configuration import COMPARISON, differing_keys, format_configuration, key_label
 from source.errors import UserError
 from source.plotting.results import collect_entries, write_results
 from source.records.metrics import read_metrics
 from source.records.run_files import CONFIGURATION_FILE
+from source.registries import load_configuration
 from source.training import run_experiment
 from source.files import create_owned_folder, hold_folder, remove_partial_files, write_text_atomically
 from source.training.checkpoints import read_checkpoint

@@ -2,12 +2,15 @@
 
 A check receives the text read from the configuration file (a string, or a list of strings for
 comma-separated values) and returns the typed value, or raises ``InvalidValue`` whose message
-says what the key expects. The registry checks ask the model, data set, optimizer and schedule
-registries, so a wrong name is caught together with every other configuration error.
+says what the key expects. The name checks ask the model, data set, optimizer and schedule
+registries handed in (``Registries``), so a wrong name is caught together with every other
+configuration error.
 """
 
 import math
 import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from validate import ValidateError, VdtValueError, is_integer
 
@@ -16,8 +19,9 @@ from source.arguments import did_you_mean
 __all__ = [
     "CHECKS",
     "MAX_NAME_LENGTH",
-    "RECORDED_NAME_CHECKS",
     "InvalidValue",
+    "Registries",
+    "all_checks",
     "parse_free_text",
 ]
 
@@ -159,30 +163,6 @@ def _registry_check(kind, names_of):
     return check
 
 
-def _models():
-    from source.models import available_models
-
-    return list(available_models())
-
-
-def _datasets():
-    from source.data import available_datasets
-
-    return list(available_datasets())
-
-
-def _optimizers():
-    from source.optimizer import OPTIMIZERS
-
-    return sorted(OPTIMIZERS)
-
-
-def _schedules():
-    from source.optimizer.schedules import available_schedules
-
-    return available_schedules()
-
-
 CHECKS = {
     "device": _check_device,
     "folder_name": _check_folder_name,
@@ -190,21 +170,44 @@ CHECKS = {
     "integer_or": _check_integer_or,
     "integer_list": _check_integer_list,
     "free_value": _check_free_value,
-    "model_name": _registry_check("model", _models),
-    "dataset_name": _registry_check("data set", _datasets),
-    "optimizer_name": _registry_check("optimizer", _optimizers),
-    "schedule_name": _registry_check("schedule", _schedules),
 }
-"""Custom checks by the name the configspec uses."""
+"""Custom checks by the name the configspec uses, but for the name checks, which ``all_checks`` adds."""
+
+
+@dataclass(frozen=True)
+class Registries:
+    """The names a configuration may choose, asked of each registry when a name is checked.
+
+    Each field returns the names of one registry in the order messages list them. The
+    configuration imports no registry, so that it stays below the models, data sets, optimizers
+    and schedules it configures; whoever loads a configuration hands them in (source/registries.py).
+    """
+
+    models: Callable[[], Sequence[str]]
+    data_sets: Callable[[], Sequence[str]]
+    optimizers: Callable[[], Sequence[str]]
+    schedules: Callable[[], Sequence[str]]
 
 
 def _check_recorded_name(value):
     return _require_text(value, "a name")
 
 
-RECORDED_NAME_CHECKS = {
-    **CHECKS,
-    **dict.fromkeys(("model_name", "dataset_name", "optimizer_name", "schedule_name"), _check_recorded_name),
-}
-"""``CHECKS`` for a configuration a run recorded: its names of registry entries were checked when
-it started, and are read as written, so that reading a finished run loads none of the registries."""
+def all_checks(registries):
+    """Every custom check by its configspec name: ``CHECKS`` and the name checks, which ask ``registries``.
+
+    Without registries (None) names are read as written: a configuration that a run recorded was
+    checked when it started, and reading a finished run then loads none of the registries.
+    """
+    if registries is None:
+        return {
+            **CHECKS,
+            **dict.fromkeys(("model_name", "dataset_name", "optimizer_name", "schedule_name"), _check_recorded_name),
+        }
+    return {
+        **CHECKS,
+        "model_name": _registry_check("model", registries.models),
+        "dataset_name": _registry_check("data set", registries.data_sets),
+        "optimizer_name": _registry_check("optimizer", registries.optimizers),
+        "schedule_name": _registry_check("schedule", registries.schedules),
+    }

@@ -16,7 +16,7 @@ from configobj import ConfigObj, ConfigObjError, Section, flatten_errors
 from validate import Validator
 
 from source.arguments import did_you_mean
-from source.configuration.checks import CHECKS, RECORDED_NAME_CHECKS, InvalidValue
+from source.configuration.checks import InvalidValue, Registries, all_checks
 from source.errors import DataFileError, UserError
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "ENTRY_SECTIONS",
     "SPECIFICATION_PATH",
     "Configuration",
+    "Registries",
     "differing_keys",
     "format_configuration",
     "key_label",
@@ -118,14 +119,15 @@ class Configuration:
         return f"{origin}: {section_label((section,))}"
 
 
-def load_configuration(path, overrides=(), *, check_names=True):
+def load_configuration(path, overrides=(), *, registries):
     """Read ``path``, apply ``overrides`` ("section.key=value" texts) and validate everything.
 
+    Names of models, data sets, optimizers and schedules are checked against ``registries``
+    (``source.registries.load_configuration`` hands in the project's). ``registries=None`` reads the
+    configuration.txt of a run or comparison that was checked when it started: its names are taken
+    as written, without loading their registries.
     Returns a ``Configuration`` with every key of the configspec present and typed.
     Raises ``UserError`` naming the first problem (and how many more there are).
-    ``check_names=False`` reads the configuration.txt of a run or comparison that was checked when
-    it started: the names of its model, data set, optimizers and schedules are taken as written
-    (``RECORDED_NAME_CHECKS``), without loading their registries.
     """
     path = Path(path)
     if not path.is_file():
@@ -151,7 +153,7 @@ def load_configuration(path, overrides=(), *, check_names=True):
     is_comparison = COMPARISON in document
     if is_comparison:
         _check_no_entry_sections(document, source, origins)
-    _validate(document, source, origins, CHECKS if check_names else RECORDED_NAME_CHECKS)
+    _validate(document, all_checks(registries), source, origins)
     sections = document.dict()
     # Validation fills in every section of the configspec; keep those this kind of configuration has.
     for name in ENTRY_SECTIONS if is_comparison else (COMPARISON,):
@@ -278,7 +280,7 @@ def _check_structure(section, specification, source, origins, path):
             raise UserError(f"{where}: unknown section {section_label(path + (name,))}{hint}")
 
 
-def _validate(document, source, origins, checks):
+def _validate(document, checks, source, origins):
     """Type every value with the configspec and ``checks``; raise the first problem as a ``UserError``."""
     result = document.validate(Validator(checks), preserve_errors=True, copy=True)
     if result is True:
@@ -311,7 +313,7 @@ def _abbreviate(text, length=80):
 
 
 def _describe_check(check, checks):
-    """Say in words what a built-in configspec check such as "integer(min=1)" accepts."""
+    """Say in words what a configspec check such as "integer(min=1)" accepts; ``checks`` are the custom ones."""
     call = ast.parse(check, mode="eval").body
     arguments = [ast.literal_eval(argument) for argument in call.args]
     options = {keyword.arg: ast.literal_eval(keyword.value) for keyword in call.keywords}

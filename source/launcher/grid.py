@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from source.comparison import create_comparison_folder, prepare_comparison, read_comparison, run_progress
-from source.configuration import load_configuration
 from source.errors import UserError
 from source.files import hold_folder, is_held
 from source.plotting.results import collect_entries, write_results
+from source.registries import load_configuration
 from source.training import RunFolder
 from source.training.run_folder import configuration_to_resume
 

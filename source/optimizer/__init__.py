@@ -30,6 +30,7 @@ __all__ = [
     "Pls",
     "Sls",
     "accepted_arguments",
+    "available_optimizers",
     "build_optimizer",
     "make_batch_closure",
 ]
@@ -51,6 +52,11 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
 # takes them: the model's buffers (restored after evaluations away from the iterate) and the
 # sizes behind LABPAL's noise adaptation factor and SLS's epoch length.
 _AUTOMATIC_ARGUMENTS = ("buffers", "training_set_size", "inference_batch_size", "process_group")
+
+
+def available_optimizers() -> list[str]:
+    """Names ``build_optimizer`` accepts, sorted."""
+    return sorted(OPTIMIZERS)
 
 
 def accepted_arguments(name: str) -> list[str]:
@@ -152,5 +158,5 @@ def _optimizer_class(name: str) -> type[torch.optim.Optimizer]:
     if name not in OPTIMIZERS:
         close = difflib.get_close_matches(name, OPTIMIZERS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise UserError(f"unknown optimizer {name!r}{hint}; valid optimizers: {', '.join(sorted(OPTIMIZERS))}")
+        raise UserError(f"unknown optimizer {name!r}{hint}; valid optimizers: {', '.join(available_optimizers())}")
     return OPTIMIZERS[name]

@@ -55,7 +55,7 @@ def parse_arguments(argv):
 
 def _default_out(folders):
     """The one comparison folder given; ``UserError`` otherwise."""
-    if len(folders) == 1 and load_configuration(Path(folders[0]) / CONFIGURATION_FILE, check_names=False).is_comparison:
+    if len(folders) == 1 and load_configuration(Path(folders[0]) / CONFIGURATION_FILE, registries=None).is_comparison:
         return Path(folders[0])
     raise UserError("give --out DIR: without it the files go into the comparison folder, when it is the only folder")
 

@@ -101,7 +101,7 @@ def _folder_configuration(folder):
     path = folder / CONFIGURATION_FILE
     if not path.is_file():
         raise UserError(f"{folder} has no configuration.txt: give a run folder or a comparison folder")
-    return load_configuration(path, check_names=False)
+    return load_configuration(path, registries=None)
 
 
 def _read_run(folder, configuration):
@@ -123,7 +123,7 @@ def _comparison_entries(folder, configuration):
         for point in entry.points():
             run_folders = [folder / point.id / run_name(seed) for seed in seeds]
             runs = [
-                _read_run(run_folder, load_configuration(run_folder / CONFIGURATION_FILE, check_names=False))
+                _read_run(run_folder, load_configuration(run_folder / CONFIGURATION_FILE, registries=None))
                 for run_folder in run_folders
                 if (run_folder / CONFIGURATION_FILE).is_file()
             ]

@@ -17,11 +17,12 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from source.configuration import Configuration, differing_keys, format_configuration, key_label, load_configuration
+from source.configuration import Configuration, differing_keys, format_configuration, key_label
 from source.errors import UserError
 from source.files import check_writable_folder, create_owned_folder, hold_folder, write_text_atomically
 from source.configuration.settings import AUTOMATIC, MACHINE_CHOICES, ExperimentSettings
 from source.records.run_files import RunFiles
+from source.registries import load_configuration
 
 __all__ = [
     "LOCATION",
