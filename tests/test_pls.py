@@ -27,7 +27,7 @@ from source.optimizer.pls import (
     bivariate_normal_upper_orthant,
     evaluate_batch,
 )
-from source.optimizer.pls.pls import expected_improvement, next_base_learning_rate
+from source.optimizer.pls.rules import expected_improvement, next_base_learning_rate
 from source.plotting import read_metrics
 from tests.tiny_run import set_options, workspace  # noqa: F401 (workspace is a fixture)
 

@@ -3,9 +3,7 @@
 import math
 from collections.abc import Iterable
 
-import numpy as np
 import torch
-from scipy.special import ndtr
 
 from ..lab_pal import BatchClosure
 from ..line_search import (
@@ -19,34 +17,27 @@ from ..line_search import (
 )
 from ..line_search import SAMPLE_LOSSES
 from .gaussian_process import LineGaussianProcess
+from .rules import (
+    ABORT_TRIAL,
+    ORIGINAL,
+    RESEARCH,
+    RULES,
+    Abort,
+    Accept,
+    EvaluateNext,
+    TakeEarlierPoint,
+    check_rule_options,
+    rule_options,
+)
 from .sample_statistics import BATCH_MEAN, VARIANCE_ESTIMATORS, evaluate_batch
 
-__all__ = ["Pls", "expected_improvement", "next_base_learning_rate"]
+__all__ = ["Pls"]
 
 STARTING = "starting"
 SEARCHING = "searching"
 
 FIRST_TRIAL = 1.0
 """Every line search first evaluates at t = 1, i.e. at the base learning rate α₀."""
-
-ABORT_TRIAL = 0.01
-"""An aborted search takes this small step (t = 0.01, i.e. 0.01 α₀) and accepts it."""
-
-ABORT_STEP_FRACTION = 0.01
-"""Original rules: a line that rises from its start is left with a step of 0.01 times its first point."""
-
-ALPHA_STATISTICS_KEEP, ALPHA_STATISTICS_NEW = 0.95, 0.05
-"""alpha_stats ← 0.95 alpha_stats + 0.05 α, the running statistics of the learning rates taken."""
-
-EXPLORATION_POLICIES = ("linear", "exponential")
-
-ORIGINAL, RESEARCH = "original", "research"
-RULE_SETS = {
-    ORIGINAL: dict(c2=0.8, max_steps=6, max_change_factor=100.0, fpush=1.3),
-    RESEARCH: dict(target_df=0.5, df_lo=-0.1, df_hi=1.1, max_steps=20, max_expl=20, max_dmu0=0.0,
-                   max_change_factor=10.0, expl_policy="linear", fpush=1.0),
-}
-"""The options of each rule set with their defaults; an option of the other set is refused."""
 
 
 class Pls(LineSearchBase):
@@ -69,57 +60,15 @@ class Pls(LineSearchBase):
        (section 3.4: f ← (f - f(0)) / (α₀ |f'(0)|), f' ← f' / |f'(0)|).
     2. **Model**: a Gaussian process with the integrated Wiener process kernel (cubic spline
        posterior mean) is conditioned on all (t, f, f') observations of the line with their noise.
-    Steps 3 to 5 follow one of two rule sets, chosen by ``rules``. ``rules="original"`` (the
-    default) are the rules of the authors' original algorithm (probLineSearch.m, post-NIPS 2015
-    release, and JMLR 2017), which also train at the LABPAL paper's batch size of 128;
-    ``rules="research"`` are those of the research code of the LABPAL paper (the PyTorch port by
-    A. Mishkin, and Balles' TensorFlow port), kept to reproduce its figures. With those, a run whose
-    every search aborts (the LABPAL paper's α₀ = 1e-4 at batch size 128: the slope never flattens
-    within 38 α₀) keeps α₀ at alpha_stats, which only accepted steps move, so it never leaves its
-    initial α₀.
-
-    Original rules (options ``c2``, ``max_steps`` 6, ``fpush`` 1.3, ``max_change_factor`` 100):
-
-    3. **Accept** the point just evaluated when its Wolfe probability (the bivariate normal
-       probability that f(0) - f(t) + ``c1`` t f'(0) ≥ 0 and 0 ≤ f'(t) - ``c2`` f'(0) ≤
-       2 ``c2`` (|m'(0)| + 2 σ'(0)), m'(0) and σ'(0)² the posterior mean and variance of f'(0)) is
-       at least ``c_w``; else **re-test** the earlier points of the line under the new posterior
-       and take, of those that now pass, the one of lowest posterior mean.
-    4. **Stop** after ``max_steps`` evaluations plus one: if that last point fails too, move to the
-       evaluated point (t > 0) of lowest posterior mean. A line whose posterior slope at 0 is
-       positive with no minimum of the posterior mean before its first point takes the step
-       0.01 t₁ (t₁ the first point) unconditionally. Non-finite values abort as below (t = 0.01).
-    5. **Next point**: the candidates are the minima of the posterior mean between observations and
-       one extrapolation, the largest t so far plus e (e = 1 at first, doubled whenever the
-       extrapolation is chosen, so it reaches t = 32 within 6 evaluations); the candidate with the
-       largest expected improvement times Wolfe probability is evaluated next.
-
-    After every search of the original rules, whatever its end, with α = t α₀ the step taken:
-    alpha_stats ← 0.95 alpha_stats + 0.05 α and α₀ ← ``fpush`` · α, unless α is outside a factor
-    ``max_change_factor`` of alpha_stats, then α₀ ← alpha_stats. A step to an earlier point (re-test
-    or lowest mean) leaves no evaluation at the new iterate, so the next step begins the next line
-    there with a new batch (step 1); the original reuses the earlier evaluation, which would need a
-    copy of the gradient per evaluated point. The original's stop at a point whose posterior slope
-    is almost surely zero (noise-free lines only) is left out.
-
-    Research rules (options ``target_df``, ``df_lo``, ``df_hi``, ``max_steps`` 20, ``max_expl``,
-    ``max_dmu0``, ``max_change_factor`` 10, ``expl_policy``, ``fpush`` 1.0):
-
-    3. **Accept**: the point just evaluated is accepted when its Wolfe probability, the bivariate
-       normal probability that f(0) - f(t) + ``c1`` t f'(0) ≥ 0 and ``df_lo`` ≤ f'(t) ≤ ``df_hi``,
-       is at least ``c_w``. Then α = t α₀ is the learning rate taken; α₀ ← ``fpush`` · α and
-       alpha_stats ← 0.95 alpha_stats + 0.05 α when α is within a factor ``max_change_factor``
-       of α₀, else α₀ ← alpha_stats; the point's own evaluation starts the next line (step 1).
-    4. **Abort** when ``max_steps`` evaluations or ``max_expl`` explorations were made, the
-       posterior mean slope at 0 is ≥ ``max_dmu0`` (not a descent direction) or a loss, gradient
-       or posterior is not finite: the search evaluates at t = 0.01 and accepts that point
-       unconditionally, with α₀ ← alpha_stats. A non-finite value never becomes an observation;
-       if the abort point itself is not finite, the parameters return to the line's start and the
-       next step starts a new line there.
-    5. **Next point** otherwise: the candidates are the points between observations where the
-       posterior mean slope equals ``target_df`` and rises, plus one exploration point,
-       t = 2 (k + 1) (``expl_policy`` "linear") or 2^(k + 1) ("exponential") after k
-       explorations; the candidate with the largest Wolfe probability is evaluated next.
+    3. to 5. **Accept, stop or go on**, by one of two rule sets (``rules.py``), chosen by ``rules``:
+       ``rules="original"`` (the default) are the rules of the authors' original algorithm
+       (probLineSearch.m, post-NIPS 2015 release, and JMLR 2017; ``OriginalRules``), which also
+       train at the LABPAL paper's batch size of 128; ``rules="research"`` are those of the research
+       code of the LABPAL paper (``ResearchRules``), kept to reproduce its figures. Either accepts
+       a point whose Wolfe probability is at least ``c_w``, and adapts α₀ after each search. A search
+       that aborts takes a small step (t = 0.01) unconditionally; a non-finite value never becomes
+       an observation, and if the abort point itself is not finite, the parameters return to the
+       line's start and the next step starts a new line there.
 
     When the posterior variance of either Wolfe quantity is below 1e-9 (noise-free lines) the
     conditions are checked on the posterior mean, with the same bounds as the probabilistic test;
@@ -198,8 +147,8 @@ class Pls(LineSearchBase):
         variance_estimator: str = BATCH_MEAN,
         buffers: Iterable[torch.Tensor] | None = None,
     ):
-        require(rules in RULE_SETS, "rules", rules, f"one of {tuple(RULE_SETS)}")
-        rule_options = _rule_options(rules, c2=c2, target_df=target_df, df_lo=df_lo, df_hi=df_hi,
+        require(rules in RULES, "rules", rules, f"one of {tuple(RULES)}")
+        options = rule_options(rules, c2=c2, target_df=target_df, df_lo=df_lo, df_hi=df_hi,
                                      max_steps=max_steps, max_expl=max_expl, max_dmu0=max_dmu0,
                                      max_change_factor=max_change_factor, expl_policy=expl_policy, fpush=fpush)
         require(is_finite_number(initial_learning_rate) and initial_learning_rate > 0, "initial_learning_rate",
@@ -207,7 +156,7 @@ class Pls(LineSearchBase):
         require(is_finite_number(c_w) and 0 < c_w < 1, "c_w", c_w, "in (0, 1)")
         require(is_finite_number(c1) and 0 <= c1 < 1, "c1", c1, "in [0, 1)")
         require(is_finite_number(momentum) and 0 <= momentum < 1, "momentum", momentum, "in [0, 1)")
-        _check_rule_options(rule_options)
+        check_rule_options(options)
         if sample_chunk_size is not None:
             require_integer(sample_chunk_size, "sample_chunk_size", 1)
         require(variance_estimator in VARIANCE_ESTIMATORS, "variance_estimator", variance_estimator,
@@ -218,7 +167,7 @@ class Pls(LineSearchBase):
             c_w=float(c_w),
             c1=float(c1),
             momentum=float(momentum),
-            **rule_options,
+            **options,
             sample_chunk_size=sample_chunk_size,
             variance_estimator=variance_estimator,
         )
@@ -321,23 +270,21 @@ class Pls(LineSearchBase):
             self._restore_buffers(saved_buffers)
             self._abort("the Gaussian process posterior is not finite")
             return evaluation.loss
-        if group["rules"] == ORIGINAL:
-            self._continue_original(evaluation, line, process, saved_buffers)
-            return evaluation.loss
-        wolfe_probability = process.wolfe_probability(position, group["c1"], group["df_lo"], group["df_hi"])
-        if wolfe_probability >= group["c_w"]:
+        decision = RULES[group["rules"]].decide(process, search, group)
+        if isinstance(decision, Accept):
             self._accept(evaluation, line, aborted=False)
             return evaluation.loss
         self._restore_buffers(saved_buffers)
-        slope_at_start = process.mean(0.0, 1)
-        if search["line_evaluations"] >= group["max_steps"]:
-            self._abort(f"no acceptable point after {search['line_evaluations']} evaluations")
-        elif search["explorations"] >= group["max_expl"]:
-            self._abort(f"no acceptable point after {search['explorations']} explorations")
-        elif not slope_at_start < group["max_dmu0"]:
-            self._abort(f"posterior slope at the line's start {slope_at_start:.3g} is not below {group['max_dmu0']}")
-        else:
-            search["next_position"] = self._next_position(process)
+        match decision:
+            case Abort(reason, abort_position):
+                self._abort(reason, abort_position)
+            case TakeEarlierPoint(earlier_position, aborted, failure):
+                if failure is not None:
+                    self._report_failure(failure)
+                self._take_earlier_point(earlier_position, aborted=aborted)
+            case EvaluateNext(next_position, search_updates):
+                search.update(search_updates)
+                search["next_position"] = next_position
         return evaluation.loss
 
     # ------------------------------------------------------------------ line search pieces
@@ -412,68 +359,6 @@ class Pls(LineSearchBase):
             slope_variance / search["slope_scale"] ** 2,
         )
 
-    def _next_position(self, process: LineGaussianProcess) -> float:
-        group = self.param_groups[0]
-        search = self._search
-        candidates = process.points_with_mean_derivative(group["target_df"])
-        explorations = search["explorations"]
-        exploration = 2.0 * (explorations + 1) if group["expl_policy"] == "linear" else 2.0 ** (explorations + 1)
-        candidates.append(exploration)
-        probabilities = [process.wolfe_probability(t, group["c1"], group["df_lo"], group["df_hi"]) for t in candidates]
-        # The first of equal maxima; a NaN probability (degenerate posterior) ranks below every number.
-        best = int(np.argmax([-1.0 if math.isnan(p) else p for p in probabilities]))
-        if best == len(candidates) - 1:
-            search["explorations"] += 1
-        return float(candidates[best])
-
-    def _continue_original(self, evaluation, line, process: LineGaussianProcess, saved_buffers) -> None:
-        """The original algorithm's decision after an evaluation that did not fail.
-
-        Accept the point just evaluated if acceptable; after the last evaluation move to the evaluated
-        point of lowest posterior mean; else re-test the earlier points under the updated posterior;
-        else choose the next point among the cell minima of the posterior mean and one extrapolation.
-        """
-        group = self.param_groups[0]
-        search = self._search
-        c_w, c1, c2 = group["c_w"], group["c1"], group["c2"]
-        position = search["position"]
-        if process.strong_wolfe_probability(position, c1, c2) >= c_w:
-            self._accept(evaluation, line, aborted=False)
-            return
-        self._restore_buffers(saved_buffers)
-        evaluated = [observation[0] for observation in search["observations"][1:]]
-        if search["line_evaluations"] > group["max_steps"]:
-            lowest = min(evaluated, key=process.mean)
-            self._report_failure(f"line search aborted: no acceptable point after {search['line_evaluations']} "
-                                 f"evaluations; moving to the point of lowest posterior mean, t = {lowest:.3g}")
-            self._take_earlier_point(lowest, aborted=True)
-            return
-        acceptable = [t for t in evaluated if process.strong_wolfe_probability(t, c1, c2) >= c_w]
-        if acceptable:
-            self._take_earlier_point(min(acceptable, key=process.mean), aborted=False)
-            return
-        minima = process.points_with_mean_derivative(0.0)
-        first_evaluated = min(evaluated)
-        if process.mean(0.0, 1) > 0.0 and not any(0.0 < t < first_evaluated for t in minima):
-            # The line rises from its start with no minimum before the first point: α₀ is far too large.
-            search["aborting"] = True
-            search["next_position"] = ABORT_STEP_FRACTION * first_evaluated
-            self._report_failure(f"line search aborted: the line rises from its start; taking t = "
-                                 f"{search['next_position']:.3g}")
-            return
-        extrapolation = max(evaluated) + search["extrapolation"]
-        candidates = [*minima, extrapolation]
-        best_mean = min(process.mean(t) for t in (0.0, *evaluated))
-        scores = [
-            expected_improvement(process.mean(t), math.sqrt(max(process.variance(t), 0.0)), best_mean)
-            * process.strong_wolfe_probability(t, c1, c2)
-            for t in candidates
-        ]
-        best = int(np.argmax([-1.0 if math.isnan(score) else score for score in scores]))
-        if best == len(candidates) - 1:
-            search["extrapolation"] *= 2.0
-        search["next_position"] = float(candidates[best])
-
     def _take_earlier_point(self, position: float, *, aborted: bool) -> None:
         """Move to an evaluated point of the line and end the search there; the next step evaluates it anew."""
         self._move_to(position)
@@ -491,7 +376,9 @@ class Pls(LineSearchBase):
         """End the search at the current position: adapt α₀, update the counters, report an acceptance."""
         search = self._search
         learning_rate = search["position"] * search["alpha0"]
-        self._adapt_alpha0(learning_rate, aborted=aborted)
+        group = self.param_groups[0]
+        search["alpha0"], search["alpha_stats"] = RULES[group["rules"]].next_base_learning_rates(
+            learning_rate, search["alpha0"], search["alpha_stats"], group, aborted=aborted)
         step_size = learning_rate * search["direction_norm"]
         search["learning_rate"] = learning_rate
         search["step_size"] = step_size
@@ -502,32 +389,11 @@ class Pls(LineSearchBase):
             search["accepted_searches"] += 1
             self._report_measurement(learning_rate, step_size)
 
-    def _adapt_alpha0(self, learning_rate: float, *, aborted: bool) -> None:
-        """Choose the next line's α₀ after taking ``learning_rate``.
-
-        Research rules: α₀ ← fpush α and alpha_stats updated when the search accepted and α is within
-        a factor max_change_factor of α₀; else α₀ ← alpha_stats. Original rules, after every search:
-        alpha_stats updated, α₀ ← fpush α, unless α is outside a factor max_change_factor of
-        alpha_stats, which then becomes α₀.
-        """
-        group = self.param_groups[0]
-        search = self._search
-        alpha0 = search["alpha0"]
-        factor = group["max_change_factor"]
-        if group["rules"] == ORIGINAL:
-            search["alpha0"], search["alpha_stats"] = next_base_learning_rate(
-                learning_rate, search["alpha_stats"], group["fpush"], factor)
-        elif not aborted and alpha0 / factor < learning_rate < alpha0 * factor:
-            search["alpha_stats"] = ALPHA_STATISTICS_KEEP * search["alpha_stats"] + ALPHA_STATISTICS_NEW * learning_rate
-            search["alpha0"] = group["fpush"] * learning_rate
-        else:
-            search["alpha0"] = search["alpha_stats"]
-
-    def _abort(self, reason: str) -> None:
-        """End the search with the small step t = 0.01, taken by the next step."""
+    def _abort(self, reason: str, position: float = ABORT_TRIAL) -> None:
+        """End the search with a small step to ``position`` (t = 0.01 unless the rules say), taken by the next step."""
         search = self._search
         search["aborting"] = True
-        search["next_position"] = ABORT_TRIAL
+        search["next_position"] = position
         self._report_failure(f"line search aborted: {reason}")
 
     # ------------------------------------------------------------------ helpers
@@ -544,42 +410,6 @@ class Pls(LineSearchBase):
         if self._process is None:
             self._process = LineGaussianProcess(self._search["observations"])
         return self._process
-
-
-def _rule_options(rules: str, **given) -> dict:
-    """The options of the rule set ``rules``: those given, the set's defaults for the others.
-
-    An option given for the other rule set only is refused: it would have no effect.
-    """
-    for name, value in given.items():
-        if value is not None and name not in RULE_SETS[rules]:
-            other = RESEARCH if rules == ORIGINAL else ORIGINAL
-            raise ValueError(f"Invalid {name}: {value!r} with rules={rules!r}; {name} belongs to rules={other!r} "
-                             f"only (leave it out, or set rules={other!r})")
-    return {name: given[name] if given[name] is not None else default
-            for name, default in RULE_SETS[rules].items()}
-
-
-def _check_rule_options(options: dict) -> None:
-    """Check the values of the rule set's options (see :data:`RULE_SETS`)."""
-    checks = {
-        "c2": lambda v: (is_finite_number(v) and 0 < v < 1, "in (0, 1)"),
-        "target_df": lambda v: (is_finite_number(v), "a finite number"),
-        "df_lo": lambda v: (is_finite_number(v), "a finite number"),
-        "df_hi": lambda v: (is_finite_number(v) and v > options["df_lo"], "a finite number > df_lo"),
-        "max_dmu0": lambda v: (is_finite_number(v), "a finite number"),
-        "max_change_factor": lambda v: (is_finite_number(v) and v > 1, "> 1"),
-        "expl_policy": lambda v: (v in EXPLORATION_POLICIES, f"one of {EXPLORATION_POLICIES}"),
-        "fpush": lambda v: (is_finite_number(v) and v > 0, "a finite number > 0"),
-    }
-    for name, value in options.items():
-        if name in ("max_steps", "max_expl"):
-            require_integer(value, name, 1)
-        else:
-            valid, expected = checks[name](value)
-            require(valid, name, value, expected)
-        if name in ("c2", "target_df", "df_lo", "df_hi", "max_dmu0", "max_change_factor", "fpush"):
-            options[name] = float(value)
 
 
 def _initial_search(initial_learning_rate: float) -> dict:
@@ -605,25 +435,6 @@ def _initial_search(initial_learning_rate: float) -> dict:
         forward_passes=0,
         backward_passes=0,
     )
-
-
-def next_base_learning_rate(learning_rate: float, statistics: float, growth: float, factor: float):
-    """The original rules' (α₀, alpha_stats) for the next line after a step of ``learning_rate`` α.
-
-    alpha_stats ← 0.95 alpha_stats + 0.05 α; α₀ ← ``growth`` · α, or alpha_stats when α lies outside
-    (alpha_stats / ``factor``, alpha_stats · ``factor``), a safeguard against runaway α₀.
-    """
-    statistics = ALPHA_STATISTICS_KEEP * statistics + ALPHA_STATISTICS_NEW * learning_rate
-    within = statistics / factor < learning_rate < statistics * factor
-    return (growth * learning_rate if within else statistics), statistics
-
-
-def expected_improvement(mean: float, deviation: float, best: float) -> float:
-    """E[max(best - f, 0)] for f ~ N(mean, deviation²) (JMLR 2017, eq. 9 of the NeurIPS paper)."""
-    if deviation <= 0.0:
-        return max(best - mean, 0.0)
-    z = (best - mean) / deviation
-    return (best - mean) * float(ndtr(z)) + deviation * math.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
 
 
 def _projections(evaluation, directions) -> list[torch.Tensor]:
