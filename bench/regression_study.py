@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from source.data import build_datasets  # noqa: E402
-from source.data.sampling import epoch_plan  # noqa: E402
+from source.data.sampling import batches_per_epoch, epoch_plan  # noqa: E402
 from source.models import build_model  # noqa: E402
 from source.optimizer import LabPal, make_batch_closure  # noqa: E402
 from source.training.losses import mean_squared_error  # noqa: E402
@@ -67,12 +67,12 @@ EXACT_FIT_EQUIVALENTS = (
 
 def training_batches(split, seed: int, batch_size: int, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The first ``steps`` full batches of the epochs that seed ``seed`` orders, in the data pipelines' order."""
-    batches_per_epoch = len(split) // batch_size
+    full_batches = batches_per_epoch(len(split), batch_size)
     batches = []
     epoch = 0
     while len(batches) < steps:
         order = epoch_plan(len(split), seed, epoch, 0).indices
-        for start in range(0, batches_per_epoch * batch_size, batch_size):
+        for start in range(0, full_batches * batch_size, batch_size):
             batches.append(split.batch(order[start : start + batch_size]))
         epoch += 1
     return batches[:steps]

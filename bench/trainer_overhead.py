@@ -30,7 +30,7 @@ import time
 REPOSITORY = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPOSITORY))
 
-from source.data.sampling import epoch_plan  # noqa: E402
+from source.data.sampling import batches_per_epoch, epoch_plan  # noqa: E402
 from source.optimizer import LineSearch, make_batch_closure  # noqa: E402
 from source.registries import load_configuration  # noqa: E402
 from source.training import RunFolder, Trainer, build_experiment  # noqa: E402
@@ -45,7 +45,7 @@ def bare_loop(experiment):
     augmentation, normalisation = split.augmentation, split.normalisation
     model, optimizer, loss_function = experiment.model, experiment.optimizer, experiment.loss_function
     schedule, batch_size, seed = experiment.schedule, experiment.settings.batch_size, 0
-    steps_per_epoch = len(images) // batch_size
+    steps_per_epoch = batches_per_epoch(len(images), batch_size)
     position = {"step": 0}
 
     def train(steps):

@@ -12,7 +12,7 @@ from torchvision import transforms
 
 import main
 from source.data import build_datasets, build_pipelines, pipelines
-from source.data.sampling import batch_positions, epoch_plan, share_of
+from source.data.sampling import batch_positions, batches_per_epoch, epoch_plan, share_of
 from source.data.transforms import NORMALIZATION, CropAndFlip, Normalisation
 from source.errors import UserError
 from source.optimizer import make_batch_closure
@@ -82,6 +82,15 @@ def test_shares_cover_every_item_once_and_batches_split_into_rank_parts():
             assert max(map(len, shares)) - min(map(len, shares)) <= 1
     assert batch_positions(3, 8) == range(24, 32)
     assert [batch_positions(3, 8, rank, 2) for rank in (0, 1)] == [range(24, 28), range(28, 32)]
+
+
+@pytest.mark.parametrize("choice", ["device", "loader"])
+def test_an_epoch_has_full_batches_only(cifar, choice):
+    assert [batches_per_epoch(size, 4) for size in (0, 3, 4, 22)] == [0, 0, 1, 5]
+    training = _pipelines(cifar, choice).training
+    batches = list(training.epoch(0))
+    assert training.steps_per_epoch == len(batches) == 5
+    assert all(len(targets) == 4 for _, targets, _ in batches)
 
 
 @pytest.mark.parametrize("padding", [0, 2, 4])

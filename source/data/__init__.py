@@ -25,11 +25,20 @@ from source.data.embedded import build_diabetes, build_digits
 from source.data.image_folder import build_image_folder, build_imagenet
 from source.data.options import DataOptions
 from source.data.pipelines import PIPELINE_CHOICES, DataPipelines, build_pipelines
+from source.data.sampling import batches_per_epoch
 from source.data.splits import DataSplits
 from source.data.torchvision_sets import build_cifar10, build_cifar100, build_svhn
 from source.errors import UserError
 
-__all__ = ["PIPELINE_CHOICES", "DataPipelines", "DataSplits", "available_datasets", "build_datasets", "build_pipelines"]
+__all__ = [
+    "PIPELINE_CHOICES",
+    "DataPipelines",
+    "DataSplits",
+    "available_datasets",
+    "batches_per_epoch",
+    "build_datasets",
+    "build_pipelines",
+]
 
 _BUILDERS: dict[str, Callable[[Path, DataOptions], DataSplits]] = {
     "digits": build_digits,

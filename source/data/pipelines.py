@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm import tqdm
 
-from source.data.sampling import EpochPlan, batch_positions, epoch_plan, share_of
+from source.data.sampling import EpochPlan, batch_positions, batches_per_epoch, epoch_plan, share_of
 from source.data.splits import DataSplits, StoredSplit, TensorStore
 from source.errors import UserError
 
@@ -77,7 +77,7 @@ class DeviceTrainingBatches:
         self.batch_size = batch_size
         self.seed = seed
         self.rank, self.world_size = rank, world_size
-        self.steps_per_epoch = len(split) // batch_size
+        self.steps_per_epoch = batches_per_epoch(len(split), batch_size)
         self._plans = {}
 
     def epoch(self, epoch, first_batch=0):
@@ -160,7 +160,7 @@ class LoaderTrainingBatches:
         self.seed = seed
         self.device = device
         self.rank, self.world_size = rank, world_size
-        self.steps_per_epoch = len(split) // batch_size
+        self.steps_per_epoch = batches_per_epoch(len(split), batch_size)
         self.samples = _PlannedSamples(split)
         self.sampler = _PlanBatchSampler(self)
         self.loader = DataLoader(self.samples, batch_sampler=self.sampler, **_loader_options(num_workers, device))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["EpochPlan", "batch_positions", "epoch_plan", "epoch_seed", "share_of"]
+__all__ = ["EpochPlan", "batch_positions", "batches_per_epoch", "epoch_plan", "epoch_seed", "share_of"]
 
 _SEED_BOUND = 2**63 - 1
 
@@ -59,6 +59,13 @@ def epoch_plan(size, seed, epoch, crop_padding):
 def share_of(count, rank, world_size):
     """Process ``rank``'s contiguous share of ``count`` items: every item once, sizes differ by at most 1."""
     return range(count * rank // world_size, count * (rank + 1) // world_size)
+
+
+def batches_per_epoch(size, batch_size):
+    """Batches, and so training steps, in one epoch of a split of ``size`` samples: full batches of
+    ``batch_size`` only, so every step sees a batch of that size; the samples left over are not
+    seen in that epoch."""
+    return size // batch_size
 
 
 def batch_positions(batch, batch_size, rank=0, world_size=1):

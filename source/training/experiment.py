@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from source.configuration.settings import AUTOMATIC, RunSettings
-from source.data import build_datasets, build_pipelines
+from source.data import batches_per_epoch, build_datasets, build_pipelines
 from source.errors import UserError
 from source.models import build_model
 from source.optimizer import build_optimizer
@@ -206,7 +206,7 @@ def build_experiment(configuration, distributed=None):
         splits = build_datasets(data.name, data.root, **data.dataset_arguments())
     with configuration.blame("training", "batch_size"):
         check_batch_size(training.batch_size, distributed.world_size)
-    steps_per_epoch = len(splits.train) // training.batch_size
+    steps_per_epoch = batches_per_epoch(len(splits.train), training.batch_size)
     if steps_per_epoch == 0:
         raise UserError(
             f"{configuration.where('training', 'batch_size')}: {training.batch_size} exceeds the "
