@@ -22,6 +22,7 @@ from source.comparison.entries import read_comparison
 from source.configuration import COMPARISON, differing_keys, format_configuration, key_label
 from source.errors import UserError
 from source.plotting.results import collect_entries, write_results
+from source.quality_metric import metric_of
 from source.records.metrics import read_metrics
 from source.records.run_files import CONFIGURATION_FILE
 from source.registries import load_configuration
@@ -232,7 +233,7 @@ def _run_all(comparison, configuration, stop_after_steps):
             finished, stopped_by_signal = False, outcome.stopped_by_signal
             break
         tested += 1
-        quality = "accuracy" if "accuracy" in outcome.test else "rmse"
+        quality = metric_of(outcome.test).name
         _progress(f"{name}: finished, test {quality} {outcome.test[quality]:.4f}")
     if not finished:
         _progress(f"comparison stopped; continue it with --resume (results so far in {folder})")

@@ -14,6 +14,7 @@ from source.comparison import create_comparison_folder, prepare_comparison, read
 from source.errors import UserError
 from source.files import hold_folder, is_held
 from source.plotting.results import collect_entries, write_results
+from source.quality_metric import metric_of
 from source.registries import load_configuration
 from source.training import RunFolder
 from source.training.run_folder import configuration_to_resume
@@ -163,7 +164,7 @@ class RunState:
 def _last_validation(records):
     for record in reversed(records):
         if record.get("split") == "validation":
-            quality = "accuracy" if "accuracy" in record else "rmse"
+            quality = metric_of(record).name
             return quality, record.get(quality)
     return None
 
@@ -207,7 +208,7 @@ def test_result(run):
     """The test result of a finished run, as its line says it: "test accuracy 0.9634"."""
     for record in reversed(_read_records(run.folder.metrics_path)):
         if record.get("split") == "test":
-            quality = "accuracy" if "accuracy" in record else "rmse"
+            quality = metric_of(record).name
             return f"test {quality} {record[quality]:.4f}"
     return "no test result"
 

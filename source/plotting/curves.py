@@ -24,6 +24,7 @@ from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormat
 
 from source.errors import UserError, WriteFailed, cause_of, writing
 from source.files import replace_atomically, write_text_atomically
+from source.quality_metric import ACCURACY, metric_named, metric_of
 from source.records.comparison import arguments_text
 from source.records.metrics import read_metrics
 
@@ -98,8 +99,8 @@ def quality_of(runs_records):
     for records in runs_records:
         for record in records:
             if record["split"] in ("training", "validation", "test"):
-                return "accuracy" if "accuracy" in record else "rmse"
-    return "accuracy"
+                return metric_of(record).name
+    return ACCURACY.name
 
 
 def _per_step(records, split, key, *, positive_only=False):
@@ -325,7 +326,7 @@ def figure_panels(runs):
     ]
     entries = [(index, run, seeds) for index, run, seeds in entries if seeds]
     quality = quality_of([records for _, _, seeds in entries for records in seeds])
-    words = "accuracy" if quality == "accuracy" else "RMSE"
+    words = metric_named(quality).words
 
     def curves(split, key, positive_only=False):
         return tuple(

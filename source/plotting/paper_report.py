@@ -24,6 +24,7 @@ from source.files import write_text_atomically
 from source.plotting.curves import PlottedRun, figure_panels, quality_of
 from source.plotting.report_figures import plot_panel_grid, plot_performance_profile
 from source.plotting.results import entry_values, result_rows, shown_entries, sweep_groups, write_results
+from source.quality_metric import metric_named
 from source.records.run_files import METRICS_FILE
 
 __all__ = [
@@ -182,7 +183,7 @@ def _table_texts(table, experiments):
         means = [cells[experiment.name].mean for cells in table.values()
                  if experiment.name in cells and cells[experiment.name].mean is not None]  # fmt: skip
         if means:
-            best[experiment.name] = (max if experiment.quality == "accuracy" else min)(means)
+            best[experiment.name] = metric_named(experiment.quality).best(means)
     for label, cells in table.items():
         texts = []
         for experiment in experiments:

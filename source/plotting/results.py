@@ -32,6 +32,7 @@ from source.plotting.sensitivity import (
     sensitivity_file_stem,
     value_range,
 )
+from source.quality_metric import ACCURACY, RMSE, metric_named
 from source.records.comparison import Entry, read_comparison_entries, run_name, value_text
 from source.records.metrics import read_metrics
 from source.records.run_files import CONFIGURATION_FILE, METRICS_FILE
@@ -192,12 +193,13 @@ def _last(records, key):
     return values[-1] if values else None
 
 
-def _run_values(run, quality, higher_is_better):
+def _run_values(run, metric):
     """The numbers one run contributes to its row (None where the run has no such record yet)."""
+    quality = metric.name
     validation = [record[quality] for record in _records(run, "validation") if not math.isnan(record[quality])]
     test = _records(run, "test")
     training = _records(run, "training")
-    best = (max if higher_is_better else min)(validation) if validation else None
+    best = metric.best(validation) if validation else None
     # The test record carries the totals at the end; an unfinished run has its last log's.
     timed = test or _records(run, "validation")
     counted = test or training
@@ -244,7 +246,7 @@ def point_text(point):
 
 def entry_values(entry, quality):
     """The per-seed values of one entry's runs, by key (see ``_run_values``)."""
-    values = [_run_values(run, quality, quality == "accuracy") for run in entry.runs]
+    values = [_run_values(run, metric_named(quality)) for run in entry.runs]
     return {key: [value[key] for value in values] for key in values[0]} if values else {}
 
 
@@ -271,8 +273,7 @@ def choose_point(points, quality):
             candidates.append((mean, point))
     if not candidates:
         return None
-    choose = max if quality == "accuracy" else min
-    return choose(candidates, key=lambda candidate: candidate[0])[1]
+    return metric_named(quality).best(candidates, key=lambda candidate: candidate[0])[1]
 
 
 def shown_entries(entries):
@@ -388,8 +389,8 @@ def _csv_text(columns, rows):
 
 
 def _markdown_text(columns, rows):
-    quality = "accuracy" if "test_accuracy_mean" in columns else "rmse"
-    words = "accuracy" if quality == "accuracy" else "RMSE"
+    metric = ACCURACY if f"test_{ACCURACY.name}_mean" in columns else RMSE
+    quality, words = metric.name, metric.words
 
     def spread(row, name):
         mean, std = row[f"{name}_mean"], row[f"{name}_std"]
@@ -508,7 +509,7 @@ def sensitivity_lines(entries, colours=None):
 
 def _sensitivity_figures(entries, out, experiment, colours):
     """The sensitivity figure of each swept argument (see source/plotting/sensitivity.py); PNG paths."""
-    words = "accuracy" if quality_of([run.records for entry in entries for run in entry.runs]) == "accuracy" else "RMSE"
+    words = metric_named(quality_of([run.records for entry in entries for run in entry.runs])).words
     lines = sensitivity_lines(entries, colours)
     shared = value_range([line for argument_lines in lines.values() for line in argument_lines])
     written = [

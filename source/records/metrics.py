@@ -14,6 +14,7 @@ training writes them (``source.training.metrics_log``); the figures and tables r
 import json
 
 from source.errors import UserError, cause_of
+from source.quality_metric import QUALITY_METRICS
 
 __all__ = ["SPLITS", "read_metrics"]
 
@@ -40,8 +41,8 @@ def _problem(record):
         for key, value in record.items():
             if key != "split" and value is not None and not _is_number(value):
                 return f"its {key[:30]} {value!r:.30} is not a number"
-    if split in ("validation", "test") and not any(_is_number(record.get(key)) for key in ("accuracy", "rmse")):
-        return f"its {split} record has no accuracy or rmse"
+    if split in ("validation", "test") and not any(_is_number(record.get(name)) for name in QUALITY_METRICS):
+        return f"its {split} record has no {' or '.join(QUALITY_METRICS)}"
     return None
 
 

@@ -9,12 +9,9 @@ import math
 
 import torch
 
-__all__ = ["RunningMetrics", "evaluate", "quality_metric"]
+from source.quality_metric import quality_metric
 
-
-def quality_metric(task):
-    """The metric that ranks checkpoints and is reported on the test split, and whether higher is better."""
-    return ("accuracy", True) if task == "classification" else ("rmse", False)
+__all__ = ["RunningMetrics", "evaluate"]
 
 
 class RunningMetrics:
@@ -59,7 +56,7 @@ class RunningMetrics:
         loss_sum, quality_sum, samples, values = sums.tolist()
         if not samples:
             return {}
-        name, _ = quality_metric(self.task)
+        name = quality_metric(self.task).name
         if self.task == "classification":
             return {"loss": loss_sum / samples, name: quality_sum / samples}
         return {"loss": loss_sum / samples, name: math.sqrt(quality_sum / values) * self.target_scale}

@@ -9,9 +9,9 @@ generators, running metrics, divergence counters), whose keys ``LAST_KEYS`` list
 from dataclasses import dataclass
 
 from source.errors import UserError
+from source.quality_metric import quality_metric
 from source.training.checkpoint_contents import check_last_checkpoint
 from source.training.checkpoints import read_checkpoint
-from source.training.evaluation import quality_metric
 
 __all__ = ["BEST_KEYS", "LAST_KEYS", "RunOutcome", "RunState", "read_last_checkpoint"]
 

@@ -16,9 +16,9 @@ or resumes the same run stops with one line naming the owner.
 import contextlib
 
 from source.errors import UserError, WriteFailed
+from source.quality_metric import quality_metric
 from source.training.checkpoint_contents import check_best_checkpoint
 from source.training.checkpoints import previous_path, read_checkpoint, remove_partial_files, save_atomically
-from source.training.evaluation import quality_metric
 from source.training.experiment import build_experiment, single_process
 from source.training.run_folder import RunFolder, configuration_record
 from source.training.run_state import BEST_KEYS, RunState, read_last_checkpoint

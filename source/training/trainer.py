@@ -41,6 +41,7 @@ import torch
 from tqdm import tqdm
 
 from source.errors import UserError
+from source.quality_metric import quality_metric
 from source.training.checkpoints import (
     capture_random_state,
     non_finite_entry,
@@ -48,7 +49,7 @@ from source.training.checkpoints import (
     restore_random_state,
     save_checkpoint,
 )
-from source.training.evaluation import RunningMetrics, evaluate, quality_metric
+from source.training.evaluation import RunningMetrics, evaluate
 from source.training.metrics_log import MetricsLog
 from source.training.run_state import BEST_KEYS, RunState
 
