@@ -1,4 +1,5 @@
-"""The shape of the source: no import cycle among its modules, and no class too long to read.
+"""The shape of the source: no import cycle among its modules, no class too long to read, and a
+training room that knows no optimizer by kind.
 
 Imports are read with ``ast``, not by importing: every import statement of a module counts,
 those inside functions and under ``TYPE_CHECKING`` too. Importing ``a.b.c`` also imports the
@@ -171,3 +172,55 @@ def test_reaching_a_sibling_through_the_own_package_is_no_cycle_taking_a_name_fr
 def test_a_class_longer_than_the_limit_is_named(tmp_path):
     _write_package(tmp_path, {"pieces/long.py": "class Long:\n" + "    x = 1\n" * 5, "pieces/short.py": "class A: ..."})
     assert long_classes(tmp_path / "pieces", 5) == ["pieces/long.py: Long (6 lines)"]
+
+
+TRAINING = SOURCE / "training"
+
+
+def optimizer_kind_checks(root, optimizer_names):
+    """"path:line: what" for each place under ``root`` that tells optimizers apart: isinstance or
+    issubclass, getattr on an optimizer, is_line_search, or an optimizer's registry or class name."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        where = path.relative_to(root.parent)
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            text = None
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.args:
+                subject = ast.unparse(node.args[0])
+                if node.func.id in ("isinstance", "issubclass", "getattr", "hasattr") and "optimizer" in subject:
+                    text = f"{node.func.id}({subject}, ...)"
+            elif isinstance(node, (ast.Name, ast.Attribute)):
+                name = node.id if isinstance(node, ast.Name) else node.attr
+                if name == "is_line_search" or name in optimizer_names:
+                    text = name
+            elif isinstance(node, ast.Constant) and node.value in optimizer_names:
+                text = repr(node.value)
+            if text:
+                found.append(f"{where}:{node.lineno}: {text}")
+    return found
+
+
+def test_the_training_room_knows_no_optimizer_by_kind():
+    from source.optimizer import OPTIMIZERS
+
+    names = set(OPTIMIZERS) | {optimizer_class.__name__ for optimizer_class in OPTIMIZERS.values()}
+    checks = optimizer_kind_checks(TRAINING, names)
+    assert not checks, "source/training tells optimizers apart (ask the stepper instead): " + "; ".join(checks)
+
+
+def test_an_optimizer_kind_check_is_found(tmp_path):
+    _write_package(
+        tmp_path,
+        {
+            "room/loop.py": """
+                def step(optimizer, experiment):
+                    if isinstance(experiment.optimizer, object) or getattr(optimizer, "partial", False):
+                        return experiment.is_line_search
+                    return "lab_pal" if LabPal else None
+            """,
+        },
+    )
+    found = optimizer_kind_checks(tmp_path / "room", {"lab_pal", "LabPal"})
+    assert sorted(entry.split(": ", 1)[1] for entry in found) == sorted(
+        ["isinstance(experiment.optimizer, ...)", "getattr(optimizer, ...)", "is_line_search", "'lab_pal'", "LabPal"]
+    )
