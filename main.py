@@ -256,7 +256,8 @@ def run(arguments):
 
 def run_configuration(arguments, configuration):
     """Join the other processes (torchrun), train, plot, report; return the exit status."""
-    folder = Path(configuration["experiment"]["runs_folder"]) / configuration["experiment"]["name"]
+    experiment = configuration.settings.experiment
+    folder = Path(experiment.runs_folder) / experiment.name
     try:
         return _run_configuration(arguments, configuration)
     except KeyboardInterrupt as error:
@@ -270,9 +271,9 @@ def _run_configuration(arguments, configuration):
             configuration, ignored = configuration_to_resume(configuration)
             if ignored:
                 print(ignored, flush=True)
-        experiment = configuration["experiment"]
+        experiment = configuration.settings.experiment
         with configuration.blame("experiment", "device"):
-            distributed = from_environment(experiment["device"], experiment["distributed_timeout_seconds"])
+            distributed = from_environment(experiment.device, experiment.distributed_timeout_seconds)
     try:
         with distributed.quiet_unless_main():
             return _run(arguments, configuration, distributed)
@@ -295,7 +296,8 @@ def _run(arguments, configuration, distributed):
     run_folder = RunFolder.of(configuration)
     # A run of a comparison (a child of a launcher) draws no figures of its own: the comparison's are its figures.
     in_comparison = comparison_folder_of(run_folder.path) is not None
-    plot_folder = Path(configuration["logging"]["plots_folder"]) / configuration["experiment"]["name"]
+    settings = configuration.settings
+    plot_folder = Path(settings.logging.plots_folder) / settings.experiment.name
     if not in_comparison:
         with configuration.blame("logging", "plots_folder"):
             check_writable_folder(plot_folder)
@@ -312,8 +314,8 @@ def _run(arguments, configuration, distributed):
             plot_files = plot_runs(
                 [PlottedRun(legend_label(configuration), run_folder.metrics_path)],
                 plot_folder,
-                dataset=configuration["data"]["name"],
-                model=configuration["model"]["name"],
+                dataset=settings.data.name,
+                model=settings.model.name,
             )
         except WriteFailed as error:
             figures_failed = error

@@ -89,8 +89,8 @@ class Comparison:
     @property
     def folder(self):
         """The comparison folder: <runs_folder>/<experiment name>."""
-        experiment = self.configuration["experiment"]
-        return Path(experiment["runs_folder"]) / experiment["name"]
+        experiment = self.configuration.settings.experiment
+        return Path(experiment.runs_folder) / experiment.name
 
     def run_configuration(self, entry, seed):
         """The configuration of ``entry``'s run with ``seed``, as an ordinary run would have it."""

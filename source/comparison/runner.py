@@ -203,7 +203,7 @@ def _write_configuration(configuration, folder, target):
 def _run_all(comparison, configuration, stop_after_steps):
     """Train the runs that are not finished, then write the results; return the ``ComparisonOutcome``."""
     folder = comparison.folder
-    total = configuration["training"]["training_steps"]
+    total = configuration.settings.training.training_steps
     runs = comparison.runs()
     steps_left = stop_after_steps
     finished, diverged, tested, stopped_by_signal = True, [], 0, None

@@ -17,6 +17,7 @@ from validate import Validator
 
 from source.arguments import did_you_mean
 from source.configuration.checks import InvalidValue, Registries, all_checks
+from source.configuration.settings import RunSettings
 from source.errors import DataFileError, UserError
 
 __all__ = [
@@ -72,6 +73,11 @@ class Configuration:
 
     def __getitem__(self, section):
         return self.sections[section]
+
+    @property
+    def settings(self):
+        """The sections as frozen, typed ``RunSettings``."""
+        return RunSettings.of(self)
 
     def with_values(self, values):
         """A copy with the values at the given key paths replaced: {("data", "pipeline"): "device"}."""

@@ -1,7 +1,7 @@
-"""A run's sections as frozen, typed settings: what the training room reads of a configuration.
+"""A run's sections as frozen, typed settings: what the code outside the configuration reads of it.
 
-``RunSettings.of(configuration)`` reads a validated configuration once; the code that builds and
-trains a run reads its fields, never the raw sections. Messages still name keys through the
+``configuration.settings`` (``RunSettings.of``) types a validated configuration's sections; the
+code that builds, trains, launches and plots runs reads their fields, never the raw sections. Messages still name keys through the
 ``Configuration`` (``where``, ``blame``). ``MACHINE_CHOICES`` lists the keys whose "auto" the
 machine resolves when a run is built; the run folder's configuration.txt records the choice.
 """
@@ -127,12 +127,24 @@ class RunSettings:
     experiment: ExperimentSettings
     data: DataSettings
     model: ModelSettings
-    optimizer: OptimizerSettings
-    schedule: ScheduleSettings
+    optimizer: OptimizerSettings | None
+    schedule: ScheduleSettings | None
     training: TrainingSettings
     logging: LoggingSettings
 
     @classmethod
     def of(cls, configuration):
-        """The settings of ``configuration``, a validated run (not a comparison)."""
-        return cls(**{field.name: field.type.of_section(configuration[field.name]) for field in fields(cls)})
+        """The settings of ``configuration``, validated; a comparison has no optimizer or schedule (None)."""
+        return cls(**{name: kind.of_section(configuration[name]) if name in configuration.sections else None
+                      for name, kind in _SECTION_KINDS.items()})
+
+
+_SECTION_KINDS = {
+    "experiment": ExperimentSettings,
+    "data": DataSettings,
+    "model": ModelSettings,
+    "optimizer": OptimizerSettings,
+    "schedule": ScheduleSettings,
+    "training": TrainingSettings,
+    "logging": LoggingSettings,
+}

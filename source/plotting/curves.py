@@ -84,12 +84,12 @@ class PlottedRun:
 def legend_label(configuration, label=None):
     """A run's legend text: ``label`` (default: [experiment] label, or name) and its explicit optimizer
     and schedule arguments, e.g. "PAL (update_step_adaptation 1.66, measuring_step 1)"."""
-    experiment = configuration["experiment"]
-    label = label or experiment.get("label") or experiment["name"]
-    details = [arguments_text(configuration["optimizer"]["arguments"])]
-    schedule = configuration["schedule"]
-    if schedule["name"] != "none":
-        details.append(" ".join(filter(None, (schedule["name"], arguments_text(schedule["arguments"])))))
+    settings = configuration.settings
+    label = label or settings.experiment.label or settings.experiment.name
+    details = [arguments_text(settings.optimizer.arguments)]
+    schedule = settings.schedule
+    if schedule.name != "none":
+        details.append(" ".join(filter(None, (schedule.name, arguments_text(schedule.arguments)))))
     details = [detail for detail in details if detail]
     return f"{label} ({'; '.join(details)})" if details else label
 

@@ -109,12 +109,13 @@ def _read_run(folder, configuration):
     """The ``RunResult`` of a run folder with its loaded configuration."""
     metrics_path = folder / METRICS_FILE
     records = read_metrics(metrics_path) if metrics_path.is_file() else []
-    return RunResult(folder, configuration["experiment"]["seed"], configuration, records)
+    return RunResult(folder, configuration.settings.experiment.seed, configuration, records)
 
 
 def _experiment(configuration):
     """The data set and model a run or comparison configuration trains on."""
-    return configuration["data"]["name"], configuration["model"]["name"]
+    settings = configuration.settings
+    return settings.data.name, settings.model.name
 
 
 def _comparison_entries(folder, configuration):
@@ -170,11 +171,11 @@ def collect_entries(folders):
                 experiment=previous.experiment,
             )
             continue
-        experiment = configuration["experiment"]
+        settings = configuration.settings
         entry = EntryRuns(
             id=key.name,
-            label=experiment["label"] or experiment["name"],
-            optimizer=configuration["optimizer"]["name"],
+            label=settings.experiment.label or settings.experiment.name,
+            optimizer=settings.optimizer.name,
             seeds=(run.seed,),
             runs=(run,),
             experiment=_experiment(configuration),
@@ -441,8 +442,8 @@ def _markdown_text(columns, rows):
 def _dataset_and_model(entries):
     """The data set and model named in the runs' configurations (joined when they differ)."""
     configurations = [run.configuration for entry in entries for run in entry.runs]
-    datasets = dict.fromkeys(configuration["data"]["name"] for configuration in configurations)
-    models = dict.fromkeys(configuration["model"]["name"] for configuration in configurations)
+    datasets = dict.fromkeys(configuration.settings.data.name for configuration in configurations)
+    models = dict.fromkeys(configuration.settings.model.name for configuration in configurations)
     return ", ".join(datasets), ", ".join(models)
 
 

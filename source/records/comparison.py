@@ -159,7 +159,7 @@ def read_comparison_entries(configuration, arguments_of=None):
         sweep = _read_sweep(configuration, name, values, arguments_of)
         entries.append(Entry(name, *(values[key] for key in _ENTRY_KEYS), sweep=sweep))
     _check_point_labels(configuration, entries)
-    seeds = tuple(section["seeds"]) or (configuration["experiment"]["seed"],)
+    seeds = tuple(section["seeds"]) or (configuration.settings.experiment.seed,)
     return tuple(entries), seeds
 
 

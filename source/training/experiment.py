@@ -92,7 +92,7 @@ class Experiment:
 def single_process(configuration):
     """The context of a run in this one process, on the device [experiment] device names."""
     with configuration.blame("experiment", "device"):
-        return Distributed.single(process_device(RunSettings.of(configuration).experiment.device, 0, 1))
+        return Distributed.single(process_device(configuration.settings.experiment.device, 0, 1))
 
 
 def seed_generators(seed):
@@ -134,7 +134,7 @@ def _network(configuration, model, optimizer, distributed):
         device_ids = [distributed.device] if distributed.device.type == "cuda" else None
         # Per-process BatchNorm statistics, as the issue of plain DDP; averaged before evaluations.
         network = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
-    settings = RunSettings.of(configuration)
+    settings = configuration.settings
     if not settings.experiment.compile:
         return network
     if not kind.supports_compiled_model(optimizer):
@@ -147,7 +147,7 @@ def _network(configuration, model, optimizer, distributed):
 
 def _synchronised_batchnorm(configuration, model, distributed):
     """The model with SyncBatchNorm when training.sync_batchnorm is true and there are several processes."""
-    if not RunSettings.of(configuration).training.sync_batchnorm or not distributed.is_distributed:
+    if not configuration.settings.training.sync_batchnorm or not distributed.is_distributed:
         return model
     if distributed.device.type != "cuda":
         raise UserError(
@@ -163,7 +163,7 @@ def build_optimizer_and_schedule(configuration, model, training_set_size, proces
     A refused argument raises ``UserError`` naming its key; the schedule is rehearsed for the
     whole run (source/optimizer/schedules.py).
     """
-    settings = RunSettings.of(configuration)
+    settings = configuration.settings
     training = settings.training
     with configuration.blame("optimizer"):
         optimizer = build_optimizer(
@@ -194,7 +194,7 @@ def build_experiment(configuration, distributed=None):
     Without ``distributed`` the experiment runs in this one process on [experiment] device.
     ``configuration`` is not changed: what "auto" became is in the experiment's ``resolved``.
     """
-    settings = RunSettings.of(configuration)
+    settings = configuration.settings
     distributed = distributed or single_process(configuration)
     device = distributed.device
     if settings.experiment.cpu_threads != AUTOMATIC:

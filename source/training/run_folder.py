@@ -174,7 +174,7 @@ class RunFolder(RunFiles):
     @classmethod
     def of(cls, configuration):
         """The run folder a configuration names: <runs_folder>/<experiment name>."""
-        experiment = ExperimentSettings.of_section(configuration["experiment"])
+        experiment = configuration.settings.experiment
         return cls(Path(experiment.runs_folder) / experiment.name)
 
     def check_can_start(self, configuration, resume):
