@@ -20,32 +20,17 @@ from source.plotting import __main__ as plotting_command
 from source.plotting import read_metrics
 from source.registries import load_configuration
 from source.training import build_experiment
+from tests.tiny_run import LABPAL_NSGD_ENTRY, digits_comparison
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 
-# 1,150 digits training images / 32 = 35 steps per epoch; evaluations at 6 and 12.
-COMPARE = """\
-[experiment]
-name = cmp
-device = cpu
-cpu_threads = 1
-[data]
-name = digits
-[model]
-name = small_cnn
-[training]
-training_steps = 12
-batch_size = 32
-evaluate_every_steps = 6
-[logging]
-progress_bar = false
-log_every_steps = 3
-tensorboard = false
-[comparison]
-seeds = 0, 1
-    [[lab_pal]]
-    label = LABPAL-NSGD
-    optimizer = lab_pal
+# Evaluations at 6 and 12; SGD's learning rate drops at steps 6 and 9.
+COMPARE = digits_comparison(
+    "cmp",
+    steps=12,
+    evaluate_every=6,
+    entries=LABPAL_NSGD_ENTRY
+    + """\
     [[sgd]]
     label = SGD
     optimizer = sgd
@@ -54,7 +39,8 @@ seeds = 0, 1
         lr = 0.1
         [[[schedule_arguments]]]
         milestones = 6, 9
-"""
+""",
+)
 
 ENTRIES = ("lab_pal", "sgd")
 FIGURES = ("learning_rate", "training_loss", "validation_accuracy", "test_accuracy", "training_batch_size")

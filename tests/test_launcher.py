@@ -23,44 +23,25 @@ from source.launcher.launch import launch
 from source.plotting import read_metrics
 from source.registries import load_configuration
 from source.training import RunFolder
+from tests.tiny_run import ADAM_ENTRY, LABPAL_NSGD_ENTRY, digits_comparison
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 
-# 4 entries × 2 seeds; 1,150 digits training images / 32 = 35 steps per epoch; evaluations at 6 and 12.
-GRID = """\
-[experiment]
-name = grid
-device = cpu
-cpu_threads = 1
-[data]
-name = digits
-[model]
-name = small_cnn
-[training]
-training_steps = 12
-batch_size = 32
-evaluate_every_steps = 6
-[logging]
-progress_bar = false
-log_every_steps = 3
-tensorboard = false
-[comparison]
-seeds = 0, 1
-    [[lab_pal]]
-    label = LABPAL-NSGD
-    optimizer = lab_pal
+SGD_ENTRY = """\
     [[sgd]]
     label = SGD
     optimizer = sgd
         [[[arguments]]]
         lr = 0.1
-    [[adam]]
-    label = Adam
-    optimizer = adam
+"""
+PAL_ENTRY = """\
     [[pal]]
     label = PAL
     optimizer = pal
 """
+# 4 entries × 2 seeds; evaluations at 6 and 12.
+GRID_ENTRIES = LABPAL_NSGD_ENTRY + SGD_ENTRY + ADAM_ENTRY + PAL_ENTRY
+GRID = digits_comparison("grid", steps=12, evaluate_every=6, entries=GRID_ENTRIES)
 RUNS = [f"{entry}/seed_{seed}" for entry in ("lab_pal", "sgd", "adam", "pal") for seed in (0, 1)]
 
 
@@ -325,3 +306,4 @@ def test_children_take_the_visible_gpus_in_turn_or_share_the_cores(monkeypatch):
     assert local._command(run("cpu"), slots[0])[-2:] == ["--set", "experiment.cpu_threads=2"]
     assert "experiment.cpu_threads=2" not in local._command(run("cpu", threads=1), slots[0])
     assert len(local.child_slots(LauncherSettings(parallel="auto"), [run("cpu")])) == 4
+

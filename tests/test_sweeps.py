@@ -14,30 +14,16 @@ from source.plotting.results import collect_entries, result_rows, sensitivity_li
 from source.registries import load_configuration
 from source.training import RunFolder
 from tests.constructed_runs import comparison_folder
+from tests.tiny_run import ADAM_ENTRY, LABPAL_NSGD_ENTRY, digits_comparison
 
-# 1,150 digits training images / 32 = 35 steps per epoch; evaluations at 3 and 6.
-SWEEP = """\
-[experiment]
-name = swept
-device = cpu
-cpu_threads = 1
-[data]
-name = digits
-[model]
-name = small_cnn
-[training]
-training_steps = 6
-batch_size = 32
-evaluate_every_steps = 3
-[logging]
-progress_bar = false
-log_every_steps = 3
-tensorboard = false
-[comparison]
-seeds = 0
-    [[lab_pal]]
-    label = LABPAL-NSGD
-    optimizer = lab_pal
+# One seed; evaluations at 3 and 6.
+SWEEP = digits_comparison(
+    "swept",
+    steps=6,
+    evaluate_every=3,
+    seeds="0",
+    entries=LABPAL_NSGD_ENTRY
+    + """\
         [[[sweep]]]
         step_adaptation = 1.2, 1.8
         measurement_interval = 500, 1000
@@ -52,10 +38,9 @@ seeds = 0
         [[[sweep]]]
         lr = 0.01, 0.1
         gamma = 0.5,
-    [[adam]]
-    label = Adam
-    optimizer = adam
 """
+    + ADAM_ENTRY,
+)
 
 
 def _main(arguments):

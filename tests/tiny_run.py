@@ -1,4 +1,5 @@
-"""The tiny LABPAL run on digits that runner tests train, and a workspace that holds its configuration."""
+"""The tiny LABPAL run on digits that runner tests train, a workspace that holds its configuration,
+and the tiny digits comparisons that the comparison, sweep and launcher tests train."""
 
 import io
 
@@ -47,3 +48,40 @@ def tiny_with(changes):
     text = io.BytesIO()
     configuration.write(text)
     return text.getvalue().decode()
+
+
+def digits_comparison(name, *, steps, evaluate_every, entries, seeds="0, 1"):
+    """A comparison of tiny digits runs as configuration text: the small CNN on one CPU thread,
+    batches of 32 (35 steps per epoch), logged every 3 steps; ``entries``: its [[entry]] sections."""
+    return f"""\
+[experiment]
+name = {name}
+device = cpu
+cpu_threads = 1
+[data]
+name = digits
+[model]
+name = small_cnn
+[training]
+training_steps = {steps}
+batch_size = 32
+evaluate_every_steps = {evaluate_every}
+[logging]
+progress_bar = false
+log_every_steps = 3
+tensorboard = false
+[comparison]
+seeds = {seeds}
+{entries}"""
+
+
+LABPAL_NSGD_ENTRY = """\
+    [[lab_pal]]
+    label = LABPAL-NSGD
+    optimizer = lab_pal
+"""
+ADAM_ENTRY = """\
+    [[adam]]
+    label = Adam
+    optimizer = adam
+"""
