@@ -31,8 +31,6 @@ __all__ = [
     "write_comparison_results",
 ]
 
-FAILURE_FILE = "failure.txt"
-"""In a run folder: why the run's last attempt failed (exit status and last line); removed when it starts again."""
 OUTPUT_FILE = "output.log"
 """In a run folder: what a run in a child process or job printed, each attempt appended."""
 
@@ -51,11 +49,6 @@ class GridRun:
     def total_steps(self):
         """The run's length in training steps."""
         return self.configuration["training"]["training_steps"]
-
-    @property
-    def failure_path(self):
-        """Where the reason of a failed attempt is kept."""
-        return self.folder.path / FAILURE_FILE
 
     @property
     def output_path(self):
@@ -197,8 +190,9 @@ def run_state(run):
         return RunState("diverged", step, total, validation)
     if is_held(run.folder.path):
         return RunState("running", step, total, validation)
-    if run.failure_path.is_file():
-        return RunState("failed", step, total, validation, run.failure_path.read_text(encoding="utf-8").strip())
+    failure = run.folder.failure_path
+    if failure.is_file():
+        return RunState("failed", step, total, validation, failure.read_text(encoding="utf-8").strip())
     if not records and not run.folder.last_checkpoint_path.exists():
         return RunState("not started", 0, total, None)
     return RunState("stopped", step, total, validation)
@@ -211,9 +205,6 @@ def test_result(run):
             quality = metric_of(record).name
             return f"test {quality} {record[quality]:.4f}"
     return "no test result"
-
-
-    return False
 
 
 RESULTS_WAIT_SECONDS = 60

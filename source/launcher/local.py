@@ -146,7 +146,7 @@ def train_in_children(runs, slots, report):
 
 def _start(run, slot, report):
     run.write_configuration()
-    run.failure_path.unlink(missing_ok=True)
+    run.folder.failure_path.unlink(missing_ok=True)
     parent = os.getpid()
     with open(run.output_path, "ab") as output:
         process = subprocess.Popen(
@@ -172,6 +172,6 @@ def _finish(child, report):
     else:
         event = "failed"
         detail = f"exit status {status}: {_last_line(run.output_path)} (output: {run.output_path})"
-        run.failure_path.write_text(detail + "\n", encoding="utf-8")
+        run.folder.failure_path.write_text(detail + "\n", encoding="utf-8")
     report(run, event, detail)
     return event

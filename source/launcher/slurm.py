@@ -20,6 +20,7 @@ from pathlib import Path
 from source.files import FolderInUse
 from source.launcher.grid import comparison_runs, run_state, test_result, write_comparison_results
 from source.launcher.settings import LAUNCHER, import_submitit
+from source.training import RunFolder
 
 __all__ = ["RunJob", "submit_runs", "wait_for_jobs"]
 
@@ -61,7 +62,7 @@ class RunJob:
             os.kill(os.getpid(), signal.SIGTERM)
 
         signal.signal(signal.SIGUSR2, stop_for_requeue)
-        failure_path = Path(self.configuration_path).parent / "failure.txt"
+        failure_path = RunFolder(Path(self.configuration_path).parent).failure_path
         if environment.global_rank == 0:
             failure_path.unlink(missing_ok=True)
         status = main.main(["--config", self.configuration_path, "--resume", "--set", "logging.progress_bar=false"])

@@ -1,9 +1,10 @@
 """The files a run leaves in its folder, by name: what the training writes and the readers read.
 
 A run folder holds configuration.txt (the resolved configuration it was started with),
-metrics.jsonl (its metric records, ``source.records.metrics``), the checkpoints last.pt and best.pt
-and, when TensorBoard logging is on, its event files. A comparison folder holds its own
-configuration.txt and one run folder per entry, sweep point and seed (``source.records.comparison``).
+metrics.jsonl (its metric records, ``source.records.metrics``), the checkpoints last.pt and best.pt,
+when TensorBoard logging is on its event files, and failure.txt when its last attempt in a grid
+failed. A comparison folder holds its own configuration.txt and one run folder per entry, sweep
+point and seed (``source.records.comparison``).
 """
 
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ __all__ = [
     "BEST_CHECKPOINT_FILE",
     "CONFIGURATION_FILE",
     "EVENT_FILES",
+    "FAILURE_FILE",
     "LAST_CHECKPOINT_FILE",
     "METRICS_FILE",
     "RunFiles",
@@ -32,6 +34,9 @@ BEST_CHECKPOINT_FILE = "best.pt"
 
 EVENT_FILES = "events.out.tfevents.*"
 """The names of TensorBoard's event files, as a glob pattern."""
+
+FAILURE_FILE = "failure.txt"
+"""Why a run's last attempt in a grid failed; removed when it starts again."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,11 @@ class RunFiles:
     def best_checkpoint_path(self):
         """The weights with the best validation metric so far."""
         return self.path / BEST_CHECKPOINT_FILE
+
+    @property
+    def failure_path(self):
+        """Why the run's last attempt in a grid failed, if it did."""
+        return self.path / FAILURE_FILE
 
     def event_files(self):
         """The TensorBoard event files, oldest first."""
