@@ -28,8 +28,8 @@ every run diverged; otherwise its table marks the diverged ones); 4 when a proce
 several processes died or stopped answering (the others stop; continue with --resume); 5 after
 one line naming a file the system would not let it write (full disk, file-size limit,
 permissions; the last checkpoint is kept, continue with --resume) or a figure that could not be
-drawn (the finished run's results are kept); 10 + N when N runs of a grid in child processes or
-SLURM jobs failed (at most 99); 130 and 143 when SIGINT (Ctrl-C) or SIGTERM stopped it, after
+drawn (the finished run's results are kept); 10 + N when N runs of a comparison or grid failed
+(at most 99; the others went on); 130 and 143 when SIGINT (Ctrl-C) or SIGTERM stopped it, after
 saving its checkpoint in training (a second signal, or one during the test or the figures, stops
 at once, same status; one before training began leaves nothing that blocks a new start). A second
 process that starts or resumes a run or comparison another one is working on gets one line naming
@@ -48,9 +48,12 @@ from source.comparison.grid import expand_grids
 from source.errors import UserError, WriteFailed
 from source.files import check_writable_folder
 from source.launcher import (
+    FAILED_RUNS_BASE,
+    MOST_FAILED_STATUS,
     build_grid,
     check_several,
     comparison_folder_of,
+    failed_runs_status,
     launch,
     print_plan,
     print_status,
@@ -251,6 +254,15 @@ def run(arguments):
         statuses.append(run_configuration(arguments, configuration))
         if statuses[-1] > SIGNAL_STATUS_BASE:
             break
+    return _status_of_all(statuses)
+
+
+def _status_of_all(statuses):
+    """The exit status of configurations trained one after another: a signal's; else, when runs failed,
+    FAILED_RUNS_BASE + their number in all, as the launcher counts them; else the worst."""
+    failed = sum(status - FAILED_RUNS_BASE for status in statuses if FAILED_RUNS_BASE <= status <= MOST_FAILED_STATUS)
+    if failed and max(statuses) <= MOST_FAILED_STATUS:
+        return min(FAILED_RUNS_BASE + failed, MOST_FAILED_STATUS)
     return max(statuses)
 
 
@@ -290,6 +302,8 @@ def _run(arguments, configuration, distributed):
             )
         outcome = run_comparison(configuration, resume=arguments.resume, stop_after_steps=arguments.stop_after_steps)
         _report_comparison(outcome)
+        if outcome.failed and outcome.stopped_by_signal is None:
+            return failed_runs_status(outcome.failed, len(outcome.run_folders))
         if outcome.diverged and not outcome.tested:
             print("error: every run of the comparison diverged; see results.md", file=sys.stderr)
         return _exit_status(outcome.stopped_by_signal, outcome.diverged and not outcome.tested)

@@ -6,6 +6,7 @@ import contextlib
 import csv
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import main
+from source.comparison import runner as comparison_runner
 from source.files import hold_folder
 from source.launcher import GridRun, LauncherSettings, read_launcher
 from source.launcher import local
@@ -87,14 +89,14 @@ def in_children(tmp_path_factory):
     return _train(tmp_path_factory.mktemp("children"), "--set", "launcher.parallel=2")
 
 
-def _metrics(folder):
-    """Every run's metric records without their wall-clock times."""
+def _metrics(folder, runs=RUNS):
+    """The metric records of ``runs`` without their wall-clock times."""
     return {
         run: [
             {key: value for key, value in record.items() if key != "elapsed_seconds"}
             for record in read_metrics(folder / run / "metrics.jsonl")
         ]
-        for run in RUNS
+        for run in runs
     }
 
 
@@ -307,3 +309,59 @@ def test_children_take_the_visible_gpus_in_turn_or_share_the_cores(monkeypatch):
     assert "experiment.cpu_threads=2" not in local._command(run("cpu", threads=1), slots[0])
     assert len(local.child_slots(LauncherSettings(parallel="auto"), [run("cpu")])) == 4
 
+
+# 3 runs of 6 steps; evaluations at 3 and 6.
+SMALL_GRID = digits_comparison("grid", steps=6, evaluate_every=3, entries=SGD_ENTRY, seeds="0, 1, 2")
+SMALL_RUNS = [f"sgd/seed_{seed}" for seed in (0, 1, 2)]
+
+
+def test_a_failing_run_never_stops_the_others_in_this_process_or_in_children(tmp_path, capsys):
+    stopped = tmp_path / "in_this_process"
+    stopped.mkdir()
+    assert _train(stopped, "--stop-after-steps", "3", text=SMALL_GRID).status == 0
+    first = stopped / "runs" / "grid" / "sgd" / "seed_0"
+    for checkpoint in first.glob("last*.pt"):
+        checkpoint.write_text("not a checkpoint")
+    shutil.copytree(stopped, tmp_path / "children")
+    capsys.readouterr()
+    in_this_process = _train(stopped, "--resume", "--set", "launcher.parallel=1")
+    error = capsys.readouterr().err
+    in_children = _train(tmp_path / "children", "--resume", "--set", "launcher.parallel=2")
+    children_error = capsys.readouterr().err
+    assert (in_this_process.status, in_children.status) == (11, 11)
+    assert error == children_error == "error: 1 of 3 runs failed: sgd (SGD) seed 0\n"
+    # One line names the failed run and why, kept in its failure.txt; the runs after it trained all the same.
+    reason = (in_this_process.folder / "sgd/seed_0/failure.txt").read_text().strip()
+    assert reason.startswith(f"cannot read the checkpoint {Path('runs/grid/sgd/seed_0/last.pt')}: ")
+    assert f"[1/3] sgd (SGD) seed 0: failed ({reason})\n" in in_this_process.output
+    assert (in_children.folder / "sgd/seed_0/failure.txt").read_text().startswith(f"exit status 2: error: {reason} ")
+    assert f"[1/3] sgd (SGD) seed 0: failed (exit status 2: error: {reason} " in in_children.output
+    assert in_this_process.output.count(": finished, test accuracy ") == 2
+    assert in_children.output.count(": finished (test accuracy ") == 2
+    assert _metrics(in_children.folder, SMALL_RUNS[1:]) == _metrics(in_this_process.folder, SMALL_RUNS[1:])
+    assert _results(in_children.folder) == _results(in_this_process.folder)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(stopped)
+        status, output = _main(["--config", "grid.txt", "--status"])
+    assert output.splitlines()[0].startswith("[1/3] sgd (SGD) seed 0: failed, step 3/6")
+    assert output.splitlines()[-1] == "1 failed, 2 finished"
+
+
+def test_a_run_that_crashes_in_this_process_shows_its_traceback_and_the_others_go_on(tmp_path, monkeypatch, capsys):
+    run_experiment = comparison_runner.run_experiment
+
+    def crash_on_seed_0(configuration, **options):
+        if configuration["experiment"]["seed"] == 0:
+            run_experiment(configuration, resume=False, stop_after_steps=1)
+            raise RuntimeError("a bug in\nthe run")
+        return run_experiment(configuration, **options)
+
+    monkeypatch.setattr(comparison_runner, "run_experiment", crash_on_seed_0)
+    trained = _train(tmp_path, text=digits_comparison("grid", steps=3, evaluate_every=3, entries=SGD_ENTRY))
+    error = capsys.readouterr().err
+    assert trained.status == 11
+    assert "[1/2] sgd (SGD) seed 0: failed (RuntimeError: a bug in the run (traceback above))\n" in trained.output
+    assert "[2/2] sgd (SGD) seed 1: finished, test accuracy " in trained.output
+    assert error.startswith("Traceback (most recent call last):\n") and "RuntimeError: a bug in\nthe run\n" in error
+    assert error.endswith("error: 1 of 2 runs failed: sgd (SGD) seed 0\n")
+    assert (trained.folder / "sgd/seed_0/failure.txt").read_text() == "RuntimeError: a bug in the run (traceback above)\n"

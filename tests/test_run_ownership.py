@@ -151,11 +151,14 @@ def test_a_comparison_in_progress_is_not_resumed_by_a_second_process(workspace, 
     finally:
         holder.kill()
         holder.wait()
-    # Each run inside is owned as well.
+    # Each run inside is owned as well: that run fails, as any run in a folder it cannot use; the others go on.
     run_holder = _hold_in_another_process(workspace / "runs" / "cmp" / "lab_pal" / "seed_0")
     try:
-        assert main.main(["--config", "compare.txt", "--resume"]) == 2
-        assert f"runs/cmp/lab_pal/seed_0 is in use by process {run_holder.pid}" in capsys.readouterr().err
+        assert main.main(["--config", "compare.txt", "--resume"]) == 11
+        captured = capsys.readouterr()
+        assert f"seed 0: failed (runs/cmp/lab_pal/seed_0 is in use by process {run_holder.pid}" in captured.out
+        assert captured.out.count(": finished, test accuracy ") == 3
+        assert captured.err == "error: 1 of 4 runs failed: lab_pal (LABPAL-NSGD) seed 0\n"
     finally:
         run_holder.kill()
         run_holder.wait()

@@ -11,16 +11,23 @@ each run inside it is locked too), and a new comparison folder appears complete,
 configuration.txt, so a kill at start-up leaves nothing that blocks a new start.
 
 A run that diverges is marked "diverged" in the results table and the comparison goes on with
-the next run; --resume skips it like a finished one. A comparison counts as successful (exit status
-0) when at least one run gave a test result; when every run diverged, main.py exits with 3.
+the next run; --resume skips it like a finished one. A run that fails (an error in its own folder,
+such as a damaged checkpoint, or a crash) is reported in one line, its reason kept in its folder's
+failure.txt, and the comparison goes on too; main.py then exits with 10 + the number of failed
+runs, as a launcher of child processes does. Only Ctrl-C or SIGTERM stops the comparison. A
+comparison counts as successful (exit status 0) when no run failed and at least one gave a test
+result; when every run diverged, main.py exits with 3.
 """
+
+import sys
+import traceback
 
 from dataclasses import dataclass
 from pathlib import Path
 
 from source.comparison.entries import read_comparison
 from source.configuration import COMPARISON, differing_keys, format_configuration, key_label
-from source.errors import UserError
+from source.errors import UserError, WriteFailed, cause_of
 from source.plotting.results import collect_entries, write_results
 from source.quality_metric import metric_of
 from source.records.metrics import read_metrics
@@ -45,8 +52,9 @@ __all__ = [
 class ComparisonOutcome:
     """How a comparison ended: its folder, whether every run finished (or diverged), and the files it wrote.
 
-    ``diverged`` names the runs that diverged, ``tested`` counts the runs with a test result, and
-    ``stopped_by_signal`` is the signal (SIGINT, SIGTERM) that stopped the comparison, if one did.
+    ``diverged`` and ``failed`` name the runs that diverged (numbered) or failed, ``tested`` counts
+    the runs with a test result, and ``stopped_by_signal`` is the signal (SIGINT, SIGTERM) that
+    stopped the comparison, if one did.
     """
 
     folder: Path
@@ -55,6 +63,7 @@ class ComparisonOutcome:
     files: list
     table: str
     diverged: list = ()
+    failed: list = ()
     tested: int = 0
     stopped_by_signal: int | None = None
 
@@ -206,7 +215,7 @@ def _run_all(comparison, configuration, stop_after_steps):
     total = configuration.settings.training.training_steps
     runs = comparison.runs()
     steps_left = stop_after_steps
-    finished, diverged, tested, stopped_by_signal = True, [], 0, None
+    stopped, diverged, failed, tested, stopped_by_signal = False, [], [], 0, None
     for number, run in enumerate(runs, start=1):
         name = f"[{number}/{len(runs)}] {run.name}"
         run_configuration, run_folder = run.configuration, run.folder
@@ -219,10 +228,16 @@ def _run_all(comparison, configuration, stop_after_steps):
                 diverged.append(name)
             continue
         if steps_left == 0:
-            finished = False
+            stopped = True
             break
         _progress(f"{name}: {'resuming from step ' + str(start) if start else 'starting'} in {run_folder.path}")
-        outcome = run_experiment(run_configuration, resume=run_folder.path.exists(), stop_after_steps=steps_left)
+        run_folder.failure_path.unlink(missing_ok=True)
+        try:
+            outcome = run_experiment(run_configuration, resume=run_folder.path.exists(), stop_after_steps=steps_left)
+        except Exception as error:  # a failing run never stops the others; Ctrl-C and SIGTERM (not Exceptions) do
+            failed.append(run.name)
+            _report_failure(name, run_folder, error)
+            continue
         if steps_left is not None:
             steps_left -= outcome.step - start
         if outcome.diverged:
@@ -230,23 +245,38 @@ def _run_all(comparison, configuration, stop_after_steps):
             diverged.append(name)
             continue
         if not outcome.finished:
-            finished, stopped_by_signal = False, outcome.stopped_by_signal
+            stopped, stopped_by_signal = True, outcome.stopped_by_signal
             break
         tested += 1
         quality = metric_of(outcome.test).name
         _progress(f"{name}: finished, test {quality} {outcome.test[quality]:.4f}")
-    if not finished:
+    if stopped:
         _progress(f"comparison stopped; continue it with --resume (results so far in {folder})")
     if diverged:
         _progress(f"diverged (marked so in the results): {'; '.join(diverged)}")
     files, table = write_results(collect_entries([folder]), folder)
     return ComparisonOutcome(
         folder=folder,
-        finished=finished,
+        finished=not stopped and not failed,
         run_folders=[run.folder.path for run in runs],
         files=files,
         table=table,
         diverged=diverged,
+        failed=failed,
         tested=tested,
         stopped_by_signal=stopped_by_signal,
     )
+
+
+def _report_failure(name, run_folder, error):
+    """One line naming the failed run and why (after the traceback of a crash), also kept in its failure.txt."""
+    if isinstance(error, (UserError, WriteFailed)):
+        reason = " ".join(str(error).split())
+    elif isinstance(error, OSError):
+        reason = f"{error.filename or 'a file'}: {cause_of(error)}"
+    else:
+        traceback.print_exception(error, file=sys.stderr)
+        reason = f"{type(error).__name__}: {' '.join(str(error).split())} (traceback above)"
+    _progress(f"{name}: failed ({reason})")
+    if run_folder.path.is_dir():
+        run_folder.failure_path.write_text(reason + "\n", encoding="utf-8")

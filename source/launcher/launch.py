@@ -16,7 +16,17 @@ from source.launcher.grid import build_grid, run_state, write_comparison_results
 from source.launcher.local import child_slots, train_in_children
 from source.launcher.slurm import submit_runs, wait_for_jobs
 
-__all__ = ["FAILED_RUNS_BASE", "check_several", "launch", "plan", "print_plan", "print_status", "runs_in_children"]
+__all__ = [
+    "FAILED_RUNS_BASE",
+    "MOST_FAILED_STATUS",
+    "check_several",
+    "failed_runs_status",
+    "launch",
+    "plan",
+    "print_plan",
+    "print_status",
+    "runs_in_children",
+]
 
 FAILED_RUNS_BASE = 10
 """A grid in which N runs failed exits with FAILED_RUNS_BASE + N (at most MOST_FAILED_STATUS)."""
@@ -195,14 +205,16 @@ def _launch(grid, settings, locks, *, wait, cluster):
     return _exit_status(grid, ended)
 
 
+def failed_runs_status(failed, total):
+    """Say on stderr which of ``total`` runs failed (``failed``: their names); return FAILED_RUNS_BASE + their number."""
+    print(f"error: {len(failed)} of {total} runs failed: {'; '.join(failed)}", file=sys.stderr)
+    return min(FAILED_RUNS_BASE + len(failed), MOST_FAILED_STATUS)
+
+
 def _exit_status(grid, ended):
-    failed = [run for run, event in ended.items() if event == "failed"]
+    failed = [run.name for run, event in ended.items() if event == "failed"]
     if failed:
-        print(
-            f"error: {len(failed)} of {len(grid.runs)} runs failed: {'; '.join(run.name for run in failed)}",
-            file=sys.stderr,
-        )
-        return min(FAILED_RUNS_BASE + len(failed), MOST_FAILED_STATUS)
+        return failed_runs_status(failed, len(grid.runs))
     states = [run_state(run).status for run in grid.runs]
     if states and all(status == "diverged" for status in states):
         print("error: every run of the grid diverged; see results.md", file=sys.stderr)
