@@ -1,5 +1,6 @@
 """The benchmark scripts run to their tables on tiny CIFAR-10 files (their figures come from real runs)."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -54,3 +55,12 @@ def test_regression_study_prints_every_variant_against_tuned_sgd():
     assert "| 0.1 |" in output and "| 0.003 |" in output
     assert "| LabPal (paper defaults: α 1.8, s_max 1) |" in output and "| 1.00 [1.00, 1.00] |" in output
     assert "| research code, α 0.9 |" in output and "| LabPal, s_max 0.5 (research α 0.9's clip) |" in output
+
+
+def test_grid_throughput_prints_both_launchers_and_their_speed_up():
+    output = _run("grid_throughput.py", "--steps", "2", "--rounds", "1", "--startups", "1")
+    assert "8-run digits grid, 2 steps a run" in output
+    assert re.search(r"^\| parallel = 1 \| [\d.]+ \| \d+ \| 1\.00× \|$", output, re.MULTILINE)
+    assert re.search(r"^\| parallel = 2 \| [\d.]+ \| \d+ \| [\d.]+× \|$", output, re.MULTILINE)
+    assert re.search(r"^command to first training step of a child run: median [\d.]+ s \(of [\d.]+ s\)$", output,
+                     re.MULTILINE)  # fmt: skip
