@@ -1,10 +1,13 @@
-"""The slurm launcher on a real SLURM cluster: the 8-run digits grid submitted as jobs, one job
-requeued mid-run with ``scontrol requeue``, finishes with the results of one process.
+"""The slurm launcher on a real SLURM cluster: a grid of digits runs submitted as jobs, one job
+requeued mid-run with ``scontrol requeue`` or preempted with submitit's signal (SIGUSR2), finishes
+with the results of one process.
 
 Runs only where ``sinfo`` shows an idle node and submitit imports; tests/slurm/start_local_slurm.sh
 starts a one-node cluster on this machine (as root).
 """
 
+import json
+import re
 import shutil
 import subprocess
 import sys
@@ -13,13 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_launcher import GRID, RUNS, Trained, _assert_same_results, _train
+from tests.test_launcher import GRID_ENTRIES, RUNS, SGD_ENTRY, Trained, _assert_same_results, _metrics, _results, _train
+from tests.tiny_run import digits_comparison
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 # Runs long enough to be caught mid-run: evaluations at 10, 20, 30 and 40.
-LONGER = GRID.replace("training_steps = 12", "training_steps = 40").replace(
-    "evaluate_every_steps = 6", "evaluate_every_steps = 10"
-)
+LONGER = digits_comparison("grid", steps=40, evaluate_every=10, entries=GRID_ENTRIES)
+# Two of its runs, one job array.
+SGD_ONLY = digits_comparison("grid", steps=40, evaluate_every=10, entries=SGD_ENTRY)
+SGD_RUNS = ["sgd/seed_0", "sgd/seed_1"]
 
 
 def _idle_node():
@@ -34,57 +39,136 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _requeue_one_running_job(workspace, jobs, deadline):
-    """``scontrol requeue`` the job of a run that has started training and not finished; return its id."""
-    while time.monotonic() < deadline:
-        for run, job in jobs.items():
-            metrics = workspace / "runs" / "grid" / run / "metrics.jsonl"
-            if metrics.is_file() and '"training"' in metrics.read_text() and '"test"' not in metrics.read_text():
-                if subprocess.run(["scontrol", "requeue", job], capture_output=True).returncode == 0:
-                    _start_when_pending(job, deadline)
-                    return job
-        time.sleep(0.05)
-    pytest.fail("no job was caught mid-run")
-
-
-def _start_when_pending(job, deadline):
-    """SLURM holds a requeued job for two minutes; let it start as soon as it is pending again."""
-    while time.monotonic() < deadline:
-        state = subprocess.run(
-            ["squeue", "--noheader", "--array", "--format=%T", "--jobs", job], capture_output=True, text=True
-        )
-        if state.stdout.strip() == "PENDING":
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
-            return
-        time.sleep(0.2)
-
-
-def test_a_grid_through_slurm_with_a_requeued_job_equals_one_process(tmp_path):
-    pytest.importorskip("submitit")
-    reference = tmp_path / "one_process"
-    reference.mkdir()
-    in_one_process = _train(reference, text=LONGER)
-    assert in_one_process.status == 0
-    workspace = tmp_path / "slurm"
+def _submit(workspace, text, runs):
+    """Launch the grid ``text`` of ``runs`` runs through the slurm launcher with --wait; return the
+    launcher, its lines so far and {run folder inside the comparison: job id}."""
     workspace.mkdir()
-    (workspace / "grid.txt").write_text(LONGER)
+    (workspace / "grid.txt").write_text(text)
     launcher = subprocess.Popen(
         [sys.executable, str(REPOSITORY / "main.py"), "--config", "grid.txt", "--set", "launcher.name=slurm",
          "--set", "launcher.partition=debug", "--set", "launcher.time_minutes=30", "--wait"],
         cwd=workspace, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     jobs, lines = {}, []
-    while len(jobs) < len(RUNS):
+    while len(jobs) < runs:
         line = launcher.stdout.readline()
         assert line, "".join(lines)
         lines.append(line)
         if "submitted as job " in line:
             job, folder = line.split("submitted as job ")[1].strip().split(", ")
             jobs[str(Path(folder).relative_to(Path("runs") / "grid"))] = job
-    requeued = _requeue_one_running_job(workspace, jobs, time.monotonic() + 600)
+    return launcher, lines, jobs
+
+
+def _one_job_mid_run(workspace, jobs, deadline):
+    """(run, job id) of a run that has logged a training step and has at least ten more to go."""
+    while time.monotonic() < deadline:
+        for run, job in jobs.items():
+            metrics = workspace / "runs" / "grid" / run / "metrics.jsonl"
+            logged = metrics.read_text().splitlines() if metrics.is_file() else []  # the last may be half-written
+            steps = [json.loads(line)["step"] for line in logged[:-1] if '"training"' in line]
+            if steps and steps[-1] <= 30:
+                return run, job
+        time.sleep(0.05)
+    pytest.fail("no job was caught mid-run")
+
+
+def _squeue(job, fields):
+    result = subprocess.run(
+        ["squeue", "--noheader", "--array", f"--format={fields}", "--jobs", job], capture_output=True, text=True
+    )
+    return result.stdout.strip()
+
+
+def _restarts(job):
+    shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    return int(re.search(r"Restarts=(\d+)", shown).group(1))
+
+
+def _start_requeued_job_now(job, deadline):
+    """SLURM holds a requeued job for two minutes (reason BeginTime); start it at once.
+
+    SLURM sets that hold when the old job has completed, and a StartTime given before that is
+    overridden: so ask again for as long as the job is held.
+    """
+    while time.monotonic() < deadline:
+        state = _squeue(job, "%T %r")
+        if state == "PENDING BeginTime":
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+        elif state.startswith("RUNNING") or not state:
+            return
+        time.sleep(0.2)
+    pytest.fail(f"job {job} did not start again")
+
+
+def _preempt(job, deadline):
+    """Send ``job`` submitit's preemption signal until it has requeued itself.
+
+    scancel retries a signal that SLURM refuses ("Job can not be altered now", as for a job being
+    requeued) every few seconds for minutes: a retry can reach the requeued job in its first seconds,
+    before anything handles SIGUSR2, and kill it. So each scancel may run only briefly.
+    """
+    while time.monotonic() < deadline:
+        try:
+            subprocess.run(["scancel", "--signal=USR2", job], capture_output=True, timeout=2)
+        except subprocess.TimeoutExpired:
+            pass
+        answered = time.monotonic() + 10
+        while time.monotonic() < answered:
+            if _restarts(job):
+                return
+            time.sleep(0.1)
+    pytest.fail(f"job {job} was not requeued after SIGUSR2")
+
+
+def _job_output(workspace, job):
+    return "".join(path.read_text() for path in (workspace / "runs" / "grid" / "slurm" / job).glob("*_log.out"))
+
+
+@pytest.fixture(scope="module")
+def in_one_process(tmp_path_factory):
+    """The longer grid trained in this process, one run after another."""
+    trained = _train(tmp_path_factory.mktemp("one_process"), text=LONGER)
+    assert trained.status == 0
+    return trained
+
+
+def test_a_grid_through_slurm_with_a_requeued_job_equals_one_process(tmp_path, in_one_process):
+    pytest.importorskip("submitit")
+    workspace = tmp_path / "slurm"
+    launcher, lines, jobs = _submit(workspace, LONGER, len(RUNS))
+    deadline = time.monotonic() + 600
+    _, requeued = _one_job_mid_run(workspace, jobs, deadline)
+    subprocess.run(["scontrol", "requeue", requeued], check=True)
+    _start_requeued_job_now(requeued, deadline)
     output = "".join(lines) + launcher.communicate(timeout=900)[0]
     assert launcher.returncode == 0, output
     assert output.count(": finished (test accuracy ") == len(RUNS)
-    restarts = subprocess.run(["scontrol", "show", "job", requeued], capture_output=True, text=True).stdout
-    assert "Restarts=1" in restarts
+    assert _restarts(requeued) == 1
     _assert_same_results(Trained(workspace, 0, output), in_one_process)
+
+
+def test_a_job_preempted_with_submitits_signal_resumes_from_its_checkpoint_and_equals_one_process(
+    tmp_path, in_one_process
+):
+    pytest.importorskip("submitit")
+    workspace = tmp_path / "slurm"
+    launcher, lines, jobs = _submit(workspace, SGD_ONLY, len(SGD_RUNS))
+    deadline = time.monotonic() + 600
+    run, preempted = _one_job_mid_run(workspace, jobs, deadline)
+    _preempt(preempted, deadline)
+    _start_requeued_job_now(preempted, deadline)
+    output = "".join(lines) + launcher.communicate(timeout=900)[0]
+    assert launcher.returncode == 0, output
+    assert output.count(": finished (test accuracy ") == len(SGD_RUNS)
+    assert _restarts(preempted) == 1
+    job_output = _job_output(workspace, preempted)
+    assert "Caught signal SIGUSR2" in job_output and f"Requeued job {preempted}" in job_output
+    # The run stopped with a checkpoint and the requeued job continued from that step.
+    stopped = re.search(r"stopped at step (\d+) of 40", job_output)
+    assert stopped and 0 < int(stopped.group(1)) < 40, job_output
+    assert f"resuming {Path('runs/grid') / run} from step {stopped.group(1)}" in job_output
+    assert _metrics(workspace / "runs" / "grid", SGD_RUNS) == _metrics(in_one_process.folder, SGD_RUNS)
+    reference_rows = [row for row in _results(in_one_process.folder) if row["entry"] == "sgd"]
+    assert _results(workspace / "runs" / "grid") == reference_rows and reference_rows[0]["status"] == "finished"
+
