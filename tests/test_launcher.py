@@ -13,6 +13,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -25,6 +26,7 @@ from source.launcher.launch import launch
 from source.plotting import read_metrics
 from source.registries import load_configuration
 from source.training import RunFolder
+from source.training.trainer import Aborted
 from tests.tiny_run import ADAM_ENTRY, LABPAL_NSGD_ENTRY, digits_comparison
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -365,3 +367,27 @@ def test_a_run_that_crashes_in_this_process_shows_its_traceback_and_the_others_g
     assert error.startswith("Traceback (most recent call last):\n") and "RuntimeError: a bug in\nthe run\n" in error
     assert error.endswith("error: 1 of 2 runs failed: sgd (SGD) seed 0\n")
     assert (trained.folder / "sgd/seed_0/failure.txt").read_text() == "RuntimeError: a bug in the run (traceback above)\n"
+
+
+def test_a_launcher_stopped_while_waiting_for_slurm_jobs_says_they_go_on_and_how_to_cancel_them(
+    tmp_path, monkeypatch, capsys
+):
+    pytest.importorskip("submitit")
+    (tmp_path / "grid.txt").write_text(SMALL_GRID)
+    monkeypatch.chdir(tmp_path)
+    job_ids = iter(["7_0", "7_1", "7_2"])
+
+    def submit(runs, settings, cluster):
+        return [(run, SimpleNamespace(job_id=next(job_ids))) for run in runs]
+
+    def stopped_while_waiting(submitted, report, cluster):
+        raise Aborted(signal.SIGTERM)
+
+    launching = sys.modules["source.launcher.launch"]  # the package's name "launch" is the function
+    monkeypatch.setattr(launching, "submit_runs", submit)
+    monkeypatch.setattr(launching, "wait_for_jobs", stopped_while_waiting)
+    assert main.main(["--config", "grid.txt", "--set", "launcher.name=slurm", "--wait"]) == 143
+    assert capsys.readouterr().err == (
+        "aborted; the 3 submitted jobs whose runs have not ended go on: see them with python main.py "
+        f"--config {Path('runs/grid/configuration.txt')} --status, cancel them with scancel 7_0 7_1 7_2\n"
+    )

@@ -1,6 +1,6 @@
 """The slurm launcher on a real SLURM cluster: a grid of digits runs submitted as jobs, one job
 requeued mid-run with ``scontrol requeue`` or preempted with submitit's signal (SIGUSR2), finishes
-with the results of one process.
+with the results of one process; a launcher stopped while it waits leaves its jobs running.
 
 Runs only where ``sinfo`` shows an idle node and submitit imports; tests/slurm/start_local_slurm.sh
 starts a one-node cluster on this machine (as root).
@@ -9,6 +9,7 @@ starts a one-node cluster on this machine (as root).
 import json
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -172,3 +173,30 @@ def test_a_job_preempted_with_submitits_signal_resumes_from_its_checkpoint_and_e
     reference_rows = [row for row in _results(in_one_process.folder) if row["entry"] == "sgd"]
     assert _results(workspace / "runs" / "grid") == reference_rows and reference_rows[0]["status"] == "finished"
 
+
+def test_a_launcher_stopped_while_waiting_leaves_its_jobs_running_and_says_how_to_see_and_cancel_them(
+    tmp_path, in_one_process
+):
+    pytest.importorskip("submitit")
+    workspace = tmp_path / "slurm"
+    launcher, lines, jobs = _submit(workspace, SGD_ONLY, len(SGD_RUNS))
+    launcher.send_signal(signal.SIGINT)
+    output = "".join(lines) + launcher.communicate(timeout=60)[0]
+    assert launcher.returncode == 130, output
+    status = f"python main.py --config {Path('runs/grid/configuration.txt')} --status"
+    assert output.endswith(
+        f"aborted; the 2 submitted jobs whose runs have not ended go on: see them with {status}, "
+        f"cancel them with scancel {' '.join(jobs.values())}\n"
+    )
+    deadline = time.monotonic() + 300
+    while _squeue(",".join(jobs.values()), "%i"):
+        assert time.monotonic() < deadline, "the jobs did not end"
+        time.sleep(0.5)
+    shown = subprocess.run([sys.executable, str(REPOSITORY / "main.py"), *status.split()[2:]], cwd=workspace,
+                           capture_output=True, text=True)  # fmt: skip
+    assert shown.stdout.splitlines()[-1] == "2 finished"
+    assert _metrics(workspace / "runs" / "grid", SGD_RUNS) == _metrics(in_one_process.folder, SGD_RUNS)
+    # The job that finished the comparison's last run wrote its results.
+    assert _results(workspace / "runs" / "grid") == [
+        row for row in _results(in_one_process.folder) if row["entry"] == "sgd"
+    ]

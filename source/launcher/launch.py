@@ -6,6 +6,7 @@ launching again (with --resume) starts only what is unfinished. One line per run
 the results and figures of each comparison are written when its last run has ended.
 """
 
+import shlex
 import sys
 from dataclasses import dataclass
 
@@ -144,7 +145,8 @@ def launch(configurations, settings, *, resume, wait, cluster="slurm"):
 
     0: every run finished (or, for SLURM without ``wait``, was submitted); 3: every run diverged;
     FAILED_RUNS_BASE + N: N runs failed. SIGINT or SIGTERM stops the children with checkpoints and
-    raises ``KeyboardInterrupt``.
+    raises ``KeyboardInterrupt``; once SLURM jobs are submitted, it stops the launcher only (the jobs
+    go on) and the ``KeyboardInterrupt`` says in ``left`` how to see and cancel them.
     """
     grid = build_grid(configurations, resume=resume, check=True)
     locks = grid.create_folders(resume)
@@ -188,18 +190,23 @@ def _launch(grid, settings, locks, *, wait, cluster):
             write_results_of(comparison.folder)
     if settings.name == "slurm":
         submitted = submit_runs(to_start, settings, cluster=cluster)
-        # The jobs own their runs now; the last one of a comparison writes its results under its lock.
-        for lock in locks:
-            lock.release()
-        for run, job in submitted:
-            _say(f"{names[run]}: submitted as job {job.job_id}, {run.folder.path}")
-        if not wait:
-            _say(
-                f"{len(submitted)} jobs submitted; see their state with --status, results are written when "
-                "the last run ends"
-            )
-            return 0
-        ended = wait_for_jobs(submitted, report, cluster=cluster)
+        try:
+            # The jobs own their runs now; the last one of a comparison writes its results under its lock.
+            for lock in locks:
+                lock.release()
+            for run, job in submitted:
+                _say(f"{names[run]}: submitted as job {job.job_id}, {run.folder.path}")
+            if not wait:
+                _say(
+                    f"{len(submitted)} jobs submitted; see their state with {_status_command(grid)}; results are "
+                    "written when the last run ends"
+                )
+                return 0
+            ended = wait_for_jobs(submitted, report, cluster=cluster)
+        except KeyboardInterrupt as interrupt:
+            # The jobs are the cluster's; each owns its run and needs no launcher, so they go on.
+            interrupt.left = _jobs_left(grid, submitted)
+            raise
     else:
         ended = train_in_children(to_start, child_slots(settings, to_start), report)
     return _exit_status(grid, ended)
@@ -209,6 +216,25 @@ def failed_runs_status(failed, total):
     """Say on stderr which of ``total`` runs failed (``failed``: their names); return FAILED_RUNS_BASE + their number."""
     print(f"error: {len(failed)} of {total} runs failed: {'; '.join(failed)}", file=sys.stderr)
     return min(FAILED_RUNS_BASE + len(failed), MOST_FAILED_STATUS)
+
+
+def _status_command(grid):
+    """The command that prints the state of every run of ``grid``, from the configurations saved in its folders."""
+    folders = [comparison.folder for comparison in grid.comparisons]
+    folders += [run.folder.path for run in grid.runs if run.comparison_folder is None]
+    configs = " ".join(f"--config {shlex.quote(str(folder / 'configuration.txt'))}" for folder in folders)
+    return f"python main.py {configs} --status"
+
+
+def _jobs_left(grid, submitted):
+    """What an interrupted launcher leaves: the jobs whose runs have not ended go on; how to see and cancel them."""
+    jobs = [job.job_id for run, job in submitted if run_state(run).status not in ENDED]
+    if not jobs:
+        return "every submitted job had ended"
+    return (
+        f"the {len(jobs)} submitted jobs whose runs have not ended go on: see them with "
+        f"{_status_command(grid)}, cancel them with scancel {' '.join(jobs)}"
+    )
 
 
 def _exit_status(grid, ended):
