@@ -21,7 +21,7 @@ import main
 from source.comparison import runner as comparison_runner
 from source.files import hold_folder
 from source.launcher import GridRun, LauncherSettings, read_launcher
-from source.launcher import local
+from source.launcher import local, slurm
 from source.launcher.launch import launch
 from source.plotting import read_metrics
 from source.registries import load_configuration
@@ -391,3 +391,25 @@ def test_a_launcher_stopped_while_waiting_for_slurm_jobs_says_they_go_on_and_how
         "aborted; the 3 submitted jobs whose runs have not ended go on: see them with python main.py "
         f"--config {Path('runs/grid/configuration.txt')} --status, cancel them with scancel 7_0 7_1 7_2\n"
     )
+
+
+def test_waiting_for_slurm_jobs_takes_a_failing_squeue_for_no_answer(tmp_path, monkeypatch):
+    answers = [
+        subprocess.CompletedProcess([], 1, "", "slurm_load_jobs error: Socket timed out on send/recv operation"),
+        subprocess.CompletedProcess([], 0, "5_0\n", ""),
+        subprocess.CompletedProcess([], 0, "", ""),
+    ]
+    asked = []
+
+    def squeue(command, **options):
+        asked.append(command)
+        return answers[len(asked) - 1]
+
+    monkeypatch.setattr(slurm.subprocess, "run", squeue)
+    monkeypatch.setattr(slurm, "_POLL_SECONDS", 0)
+    run = GridRun("run", {"training": {"training_steps": 6}}, RunFolder(tmp_path / "run"), None)
+    reports = []
+    ended = slurm.wait_for_jobs([(run, SimpleNamespace(job_id="5_0"))], lambda *report: reports.append(report))
+    # Only the job's absence from a squeue that answered ends it.
+    assert len(asked) == 3 and asked[0][0] == "squeue"
+    assert ended == {run: "failed"} and reports == [(run, "failed", "job 5_0 ended at step 0")]

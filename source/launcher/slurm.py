@@ -58,8 +58,10 @@ class RunJob:
         requeue = signal.getsignal(signal.SIGUSR2)
 
         def stop_for_requeue(number, frame):
+            # Once: a second SIGTERM would stop the run at once, without its checkpoint.
+            if not preempted:
+                os.kill(os.getpid(), signal.SIGTERM)
             preempted.append(number)
-            os.kill(os.getpid(), signal.SIGTERM)
 
         signal.signal(signal.SIGUSR2, stop_for_requeue)
         failure_path = RunFolder(Path(self.configuration_path).parent).failure_path
@@ -148,10 +150,13 @@ def _absolute(folder):
 
 
 def _in_queue(job_ids):
-    """The ids among ``job_ids`` that SLURM still lists (pending, running, requeued)."""
+    """The ids among ``job_ids`` that SLURM still lists (pending, running, requeued); None when squeue
+    fails (a busy or restarting slurmctld), which says nothing about the jobs."""
     result = subprocess.run(
         ["squeue", "--noheader", "--array", "--format=%i", "--jobs", ",".join(job_ids)], capture_output=True, text=True
     )
+    if result.returncode != 0:
+        return None
     return {line.strip() for line in result.stdout.splitlines()}
 
 
@@ -161,10 +166,13 @@ def wait_for_jobs(submitted, report, *, cluster="slurm"):
     pending, ended = dict(submitted), {}
     while pending:
         time.sleep(_POLL_SECONDS)
-        queued = _in_queue([job.job_id for job in pending.values()]) if cluster == "slurm" else None
+        if cluster == "slurm":
+            queued = _in_queue([job.job_id for job in pending.values()])
+            if queued is None:
+                continue
         for run, job in list(pending.items()):
             state = run_state(run)
-            gone = job.done() if queued is None else job.job_id not in queued
+            gone = job.job_id not in queued if cluster == "slurm" else job.done()
             if state.done:
                 event, detail = state.status, test_result(run) if state.status == "finished" else ""
             elif state.status == "failed" or gone:
