@@ -87,14 +87,16 @@ def _restarts(job):
 
 
 def _start_requeued_job_now(job, deadline):
-    """SLURM holds a requeued job for two minutes (reason BeginTime); start it at once.
+    """SLURM holds a requeued job for two minutes (reason BeginTime); start it in two seconds instead.
 
-    SLURM sets that hold when the old job has completed, and a StartTime given before that is
-    overridden: so ask again for as long as the job is held.
+    Not at once: slurmd refuses to launch a job in the second it killed it ("already killed, do not
+    launch batch job", and the job fails). And SLURM sets its hold when the old job has completed,
+    overriding a start time given before: so ask again for as long as the job is held.
     """
     while time.monotonic() < deadline:
         state = _squeue(job, "%T %r")
         if state == "PENDING BeginTime":
+            time.sleep(2)
             subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
         elif state.startswith("RUNNING") or not state:
             return
