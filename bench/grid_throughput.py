@@ -1,7 +1,7 @@
 """Wall time of an 8-run digits grid trained one run after another and two at a time, side by side.
 
 The grid: LABPAL-NSGD, LABPAL-SGD, SGD and Adam on scikit-learn's digits with the small CNN,
-two seeds each, ``--steps`` steps a run. ``parallel = 1`` trains the runs one after another in
+two seeds each (``--seeds``), ``--steps`` steps a run. ``parallel = 1`` trains the runs one after another in
 one process with every core; ``parallel = 2`` trains two at a time in child processes with the
 cores divided between them; the two alternate in rounds, so that both see the same machine load.
 Both write the same results (the tests check that); the table gives the median wall time of each
@@ -10,6 +10,7 @@ start, imports, data, model), which every child pays again.
 
     python bench/grid_throughput.py                  # 8 runs of 1,500 steps
     python bench/grid_throughput.py --steps 200 --rounds 3
+    python bench/grid_throughput.py --steps 2 --seeds 1 --startups 1   # does it run? (the tests)
 """
 
 import argparse
@@ -41,7 +42,7 @@ progress_bar = false
 tensorboard = false
 log_every_steps = {log_every}
 [comparison]
-seeds = 0, 1
+seeds = {seeds}
     [[lab_pal_nsgd]]
     label = LABPAL-NSGD
     optimizer = lab_pal
@@ -109,6 +110,7 @@ def main():
     parser.add_argument("--steps", type=int, default=1500, help="training steps of each run (default 1500)")
     parser.add_argument("--rounds", type=int, default=1, help="alternating rounds of both launchers (default 1)")
     parser.add_argument("--startups", type=int, default=3, help="child start-ups timed (default 3)")
+    parser.add_argument("--seeds", type=int, default=2, help="seeds of each of the 4 entries (default 2: 8 runs)")
     arguments = parser.parse_args()
     times = {1: [], 2: []}
     with tempfile.TemporaryDirectory() as folder:
@@ -117,18 +119,21 @@ def main():
             for parallel in (1, 2):
                 workspace = Path(folder) / f"round_{round_number}_parallel_{parallel}"
                 workspace.mkdir()
-                (workspace / "grid.txt").write_text(GRID.format(steps=arguments.steps, log_every=10))
+                seeds = ", ".join(map(str, range(arguments.seeds)))
+                (workspace / "grid.txt").write_text(GRID.format(steps=arguments.steps, log_every=10, seeds=seeds))
                 times[parallel].append(grid_seconds(workspace, parallel))
         startups = [first_step_seconds(Path(folder) / "round_0_parallel_2") for _ in range(arguments.startups)]
     times = {parallel: statistics.median(seconds) for parallel, seconds in times.items()}
+    runs = 4 * arguments.seeds
     print(
-        f"8-run digits grid, {arguments.steps} steps a run, {os.cpu_count()} cores, median of {arguments.rounds} rounds"
+        f"{runs}-run digits grid, {arguments.steps} steps a run, {os.cpu_count()} cores, "
+        f"median of {arguments.rounds} rounds"
     )
     print()
     print("| launcher | wall time (s) | runs per hour | speed-up |")
     print("| --- | --- | --- | --- |")
     for parallel, seconds in times.items():
-        print(f"| parallel = {parallel} | {seconds:.1f} | {8 * 3600 / seconds:.0f} | {times[1] / seconds:.2f}× |")
+        print(f"| parallel = {parallel} | {seconds:.1f} | {runs * 3600 / seconds:.0f} | {times[1] / seconds:.2f}× |")
     print()
     print(f"command to first training step of a child run: median {statistics.median(startups):.2f} s "
           f"(of {', '.join(f'{value:.2f}' for value in startups)} s)")  # fmt: skip

@@ -58,8 +58,8 @@ def test_regression_study_prints_every_variant_against_tuned_sgd():
 
 
 def test_grid_throughput_prints_both_launchers_and_their_speed_up():
-    output = _run("grid_throughput.py", "--steps", "2", "--rounds", "1", "--startups", "1")
-    assert "8-run digits grid, 2 steps a run" in output
+    output = _run("grid_throughput.py", "--steps", "2", "--seeds", "1", "--rounds", "1", "--startups", "1")
+    assert "4-run digits grid, 2 steps a run" in output
     assert re.search(r"^\| parallel = 1 \| [\d.]+ \| \d+ \| 1\.00× \|$", output, re.MULTILINE)
     assert re.search(r"^\| parallel = 2 \| [\d.]+ \| \d+ \| [\d.]+× \|$", output, re.MULTILINE)
     assert re.search(r"^command to first training step of a child run: median [\d.]+ s \(of [\d.]+ s\)$", output,
