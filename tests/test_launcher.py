@@ -27,7 +27,7 @@ from source.plotting import read_metrics
 from source.registries import load_configuration
 from source.training import RunFolder
 from source.training.trainer import Aborted
-from tests.tiny_run import ADAM_ENTRY, LABPAL_NSGD_ENTRY, digits_comparison
+from tests.tiny_run import ADAM_ENTRY, LABPAL_NSGD_ENTRY, TINY, digits_comparison
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 
@@ -293,10 +293,12 @@ def test_configurations_launched_together_share_one_launcher(tmp_path, monkeypat
     assert sorted(path.name for path in tmp_path.iterdir()) == ["a.txt", "b.txt"]
 
 
-def test_children_take_the_visible_gpus_in_turn_or_share_the_cores(monkeypatch):
+def test_children_take_the_visible_gpus_in_turn_or_share_the_cores(monkeypatch, tmp_path):
+    (tmp_path / "tiny.txt").write_text(TINY)
+
     def run(device, threads="auto"):
-        configuration = {"experiment": {"device": device, "cpu_threads": threads}}
-        return GridRun("run", configuration, RunFolder(Path("runs/run")), None)
+        overrides = [f"experiment.device={device}", f"experiment.cpu_threads={threads}"]
+        return GridRun("run", load_configuration(tmp_path / "tiny.txt", overrides), RunFolder(Path("runs/run")), None)
 
     monkeypatch.setattr(local, "_visible_gpus", lambda: ["3", "5"])
     slots = local.child_slots(LauncherSettings(parallel="auto", runs_per_device=2), [run("auto")])
@@ -407,7 +409,9 @@ def test_waiting_for_slurm_jobs_takes_a_failing_squeue_for_no_answer(tmp_path, m
 
     monkeypatch.setattr(slurm.subprocess, "run", squeue)
     monkeypatch.setattr(slurm, "_POLL_SECONDS", 0)
-    run = GridRun("run", {"training": {"training_steps": 6}}, RunFolder(tmp_path / "run"), None)
+    (tmp_path / "tiny.txt").write_text(TINY)
+    configuration = load_configuration(tmp_path / "tiny.txt", ["training.training_steps=6"])
+    run = GridRun("run", configuration, RunFolder(tmp_path / "run"), None)
     reports = []
     ended = slurm.wait_for_jobs([(run, SimpleNamespace(job_id="5_0"))], lambda *report: reports.append(report))
     # Only the job's absence from a squeue that answered ends it.

@@ -48,7 +48,7 @@ class GridRun:
     @property
     def total_steps(self):
         """The run's length in training steps."""
-        return self.configuration["training"]["training_steps"]
+        return self.configuration.settings.training.training_steps
 
     @property
     def output_path(self):
@@ -93,7 +93,7 @@ def build_grid(configurations, *, resume, check):
         folder = RunFolder.of(configuration)
         if check:
             folder.check_can_start(configuration, resume)
-        runs.append(GridRun(configuration["experiment"]["name"], configuration, folder, None))
+        runs.append(GridRun(configuration.settings.experiment.name, configuration, folder, None))
     _check_distinct_folders(runs)
     return Grid(tuple(runs), tuple(comparisons))
 

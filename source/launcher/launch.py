@@ -90,7 +90,7 @@ def plan(grid, settings, parallel):
                 f"child process {started % len(slots) + 1} of {len(slots)}, {slots[started % len(slots)].describe()}"
             )
         else:
-            place = f"this process, device {run.configuration['experiment']['device']}"
+            place = f"this process, device {run.configuration.settings.experiment.device}"
         started += not state.done
         planned.append(PlannedRun(number, run, state, place))
     return planned

@@ -58,7 +58,7 @@ def child_slots(settings, runs):
     GPUs when the runs' device allows CUDA and one is visible (child k on GPU k mod the number of
     GPUs), else the CPU's cores divided between the slots, for runs whose cpu_threads is "auto".
     """
-    wants_gpu = any(run.configuration["experiment"]["device"] != "cpu" for run in runs)
+    wants_gpu = any(run.configuration.settings.experiment.device != "cpu" for run in runs)
     gpus = _visible_gpus() if wants_gpu else []
     count = settings.parallel_runs(len(gpus))
     if gpus:
@@ -78,10 +78,10 @@ def _die_with_parent(parent):
 def _command(run, slot):
     command = [sys.executable, str(MAIN_SCRIPT), "--config", str(run.folder.configuration_path), "--resume"]
     sets = ["logging.progress_bar=false"]
-    experiment = run.configuration["experiment"]
+    experiment = run.configuration.settings.experiment
     if slot.gpu is not None:
         sets.append("experiment.device=cuda")
-    elif experiment["cpu_threads"] == "auto":
+    elif experiment.cpu_threads == "auto":
         sets.append(f"experiment.cpu_threads={slot.cpu_threads}")
     return command + [argument for value in sets for argument in ("--set", value)]
 

@@ -50,7 +50,7 @@ class LauncherSettings:
         """The GPUs a SLURM job of this run asks for: gpus_per_run, or 1 for a CUDA run and 0 otherwise."""
         if self.gpus_per_run != AUTOMATIC:
             return self.gpus_per_run
-        return 1 if run_configuration["experiment"]["device"].startswith("cuda") else 0
+        return 1 if run_configuration.settings.experiment.device.startswith("cuda") else 0
 
 
 def import_submitit(where):
