@@ -61,6 +61,7 @@ from source.launcher import (
     runs_in_children,
 )
 from source.plotting import PlottedRun, check_plot_folder, claim_plot_folder, legend_label, plot_runs
+from source.records.run_files import CONFIGURATION_FILE, LAST_CHECKPOINT_FILE
 from source.registries import load_configuration
 from source.training import RunFolder, run_experiment
 from source.training.distributed import (
@@ -222,9 +223,9 @@ class Interrupted(KeyboardInterrupt):
 
 def _what_is_left(folder):
     """What a run or comparison folder keeps after an abort, and how to go on."""
-    if any(folder.glob("last.pt")) or any(folder.glob("*/*/last.pt")):
+    if any(folder.glob(LAST_CHECKPOINT_FILE)) or any(folder.glob(f"*/*/{LAST_CHECKPOINT_FILE}")):
         return "the last checkpoint is kept, continue with --resume"
-    if (folder / "configuration.txt").is_file():
+    if (folder / CONFIGURATION_FILE).is_file():
         return f"{folder} has no checkpoint yet; --resume starts it from step 0"
     return "nothing was saved; start it again"
 

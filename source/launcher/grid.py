@@ -15,6 +15,7 @@ from source.errors import UserError
 from source.files import hold_folder, is_held
 from source.plotting.results import collect_entries, write_results
 from source.quality_metric import metric_of
+from source.records.run_files import CONFIGURATION_FILE
 from source.registries import load_configuration
 from source.training import RunFolder
 from source.training.run_folder import configuration_to_resume
@@ -104,14 +105,14 @@ def _grid_runs(comparison):
 
 def comparison_runs(folder):
     """The ``GridRun``s of the comparison whose folder is ``folder``, from its configuration.txt."""
-    return _grid_runs(read_comparison(load_configuration(Path(folder) / "configuration.txt")))
+    return _grid_runs(read_comparison(load_configuration(Path(folder) / CONFIGURATION_FILE)))
 
 
 def comparison_folder_of(run_folder):
     """The comparison folder a run folder belongs to (<comparison>/<entry>[/<sweep point>]/<run>), or None."""
     run_folder = Path(run_folder)
     for candidate in run_folder.parents[1:3]:
-        stored = candidate / "configuration.txt"
+        stored = candidate / CONFIGURATION_FILE
         if not stored.is_file():
             continue
         try:
