@@ -181,11 +181,18 @@ def hold_folder(folder, *, what="run folder", wait_seconds=0.0):
     return FolderLock(folder, what).acquire(wait_seconds)
 
 
+def _open_lock_file(folder):
+    """A read-only descriptor of ``folder``'s lock file (never through a link), or None without one."""
+    try:
+        return os.open(Path(folder) / LOCK_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
 def is_held(folder):
     """Whether a process owns ``folder`` now (holds its lock), asked without writing anything."""
-    try:
-        descriptor = os.open(Path(folder) / LOCK_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
+    descriptor = _open_lock_file(folder)
+    if descriptor is None:
         return False
     try:
         fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -197,9 +204,8 @@ def is_held(folder):
 
 def read_holder(folder):
     """Who holds, or last held, ``folder``: "process PID on HOST since TIME", or None if unknown."""
-    try:
-        descriptor = os.open(Path(folder) / LOCK_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
+    descriptor = _open_lock_file(folder)
+    if descriptor is None:
         return None
     try:
         text = os.read(descriptor, _LONGEST_HOLDER).decode("utf-8", errors="replace")

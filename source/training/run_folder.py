@@ -122,6 +122,11 @@ def _differences(stored, configuration):
     ]
 
 
+def _fixed_differences(stored, configuration):
+    """The differing keys that a resume may not change (neither resumable nor the run's location)."""
+    return [path for path in _differences(stored, configuration) if not is_resumable(path) and path not in LOCATION]
+
+
 _MISSING = object()
 """The value of a key that one of two configurations lacks (an optimizer argument given in only one)."""
 
@@ -196,11 +201,7 @@ class RunFolder(RunFiles):
                 raise UserError(f"cannot resume {self.path}: it has no configuration.txt, so it is not a run folder")
             raise UserError(f"cannot resume {self.path}: it does not exist; start the run without --resume")
         stored = load_configuration(self.configuration_path)
-        changed = [
-            key_label(path[:-1], path[-1])
-            for path in _differences(stored, configuration)
-            if not is_resumable(path) and path not in LOCATION
-        ]
+        changed = [key_label(path[:-1], path[-1]) for path in _fixed_differences(stored, configuration)]
         if changed:
             raise UserError(
                 f"cannot resume {self.path}: {', '.join(changed)} differ from its configuration.txt; "
@@ -214,8 +215,7 @@ class RunFolder(RunFiles):
         changed = [
             f"{'.'.join(path)} {_shown(_value_at(configuration.sections, path))} "
             f"(checkpoint: {_shown(_value_at(saved.sections, path))})"
-            for path in _differences(saved, configuration)
-            if not is_resumable(path) and path not in LOCATION
+            for path in _fixed_differences(saved, configuration)
         ]
         if changed:
             raise UserError(
